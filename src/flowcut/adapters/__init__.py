@@ -1,0 +1,1 @@
+"""Model-family adapters: how FlowCut enters each supported model (no copy of the algorithm here)."""

@@ -1,0 +1,82 @@
+"""The attention seam: a recording attention function registered with transformers' AttentionInterface.
+
+During FlowCut's own encoder pass (and only then) the vision tower's attention implementation is
+switched to ``flowcut_recording``. That function hands the layer's query/key/value tensors to the
+pass's :class:`~flowcut.core.encoder_stage.AttentionRecorder` and then calls the implementation the
+model was configured with (SDPA, FlashAttention, eager, …), so the layer itself is computed exactly
+as without FlowCut and no attention matrix is materialised. Registering a new name adds an entry to
+the registry; no library class is patched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from flowcut.core.encoder_stage import AttentionRecorder
+
+RECORDING_ATTENTION = "flowcut_recording"
+
+
+def _recording_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *args: Any,
+    flowcut_recorder: AttentionRecorder | None = None,
+    flowcut_attention: Callable[..., Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+    if flowcut_attention is None:
+        raise RuntimeError(
+            f"attention implementation {RECORDING_ATTENTION!r} runs only inside FlowCut's own encoder pass"
+        )
+    if flowcut_recorder is not None:
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        flowcut_recorder.capture(query, key, value, scaling)
+    return flowcut_attention(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+AttentionInterface.register(RECORDING_ATTENTION, _recording_attention)
+
+
+def resolve_attention(implementation: str | None, eager: Callable[..., Any]) -> Callable[..., Any]:
+    """The attention function a module configured with ``implementation`` would call."""
+    if implementation in (None, "eager"):
+        return eager
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+
+
+@contextmanager
+def recording_attention(configs: Sequence[Any]) -> Iterator[None]:
+    """Switch the given attention configs to the recording implementation for the duration of a pass."""
+    previous = [config._attn_implementation for config in configs]
+    try:
+        for config in configs:
+            config._attn_implementation = RECORDING_ATTENTION
+        yield
+    finally:
+        for config, implementation in zip(configs, previous, strict=True):
+            config._attn_implementation = implementation
+
+
+def key_padding_mask(alive: torch.Tensor, implementation: str | None, dtype: torch.dtype) -> torch.Tensor:
+    """The padding mask an attention implementation expects for a ragged batch of non-causal tokens.
+
+    FlashAttention takes a 2-D ``(B, K)`` mask of real tokens; the others an additive
+    ``(B, 1, 1, K)`` mask that is 0 for real keys and the dtype's minimum for padding.
+    """
+    if implementation is not None and implementation.startswith("flash"):
+        return alive.to(torch.int32)
+    mask = torch.zeros(alive.shape, dtype=dtype, device=alive.device)
+    mask = mask.masked_fill(~alive, torch.finfo(dtype).min)
+    return mask[:, None, None, :]

@@ -1,0 +1,235 @@
+"""LLaVA-1.5 family adapter (``LlavaForConditionalGeneration`` with a CLIP vision tower).
+
+FlowCut enters through the instance's ``get_image_features`` (used by both ``forward`` and
+``generate``): it runs the CLIP tower only up to the feature layer with the encoder stage, projects
+the ``keep`` surviving patches and hands them to the unchanged language model. The processor side
+shrinks each image's placeholder run to ``keep`` tokens, so the model's own image-token count check
+stays on and passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import LlavaForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from flowcut.adapters.clip import ClipEncoderAdapter
+from flowcut.config import FlowCutConfig
+from flowcut.core.encoder_stage import EncoderStageSettings, ImageTrace, run_encoder_stage
+from flowcut.trace import PruningTrace
+
+
+def feature_layer_index(vision_feature_layer: Any, num_layers: int) -> int:
+    """0-based index of the encoder layer whose output ``hidden_states[vision_feature_layer]`` is."""
+    if not isinstance(vision_feature_layer, int) or isinstance(vision_feature_layer, bool):
+        raise ValueError(
+            "FlowCut needs a single vision feature layer; vision_feature_layer="
+            f"{vision_feature_layer!r} (features from several layers) is not supported"
+        )
+    entries = num_layers + 1  # hidden_states = (embeddings, layer 0, …, layer L-1)
+    if not -entries <= vision_feature_layer < entries:
+        raise ValueError(f"vision_feature_layer={vision_feature_layer} is out of range for {num_layers} layers")
+    index = vision_feature_layer % entries - 1
+    if index < 1:
+        raise ValueError(
+            f"vision_feature_layer={vision_feature_layer} leaves no encoder layer before the features to prune in"
+        )
+    return index
+
+
+def check_select_strategy(strategy: Any) -> None:
+    """FlowCut drops CLS from the features ("default"); "full" would hand CLS to the language model."""
+    if strategy != "default":
+        raise ValueError(
+            f"vision_feature_select_strategy={strategy!r} is not supported by FlowCut: only 'default' "
+            "(patch tokens without CLS, as in LLaVA-1.5) keeps an exact budget of patch tokens"
+        )
+
+
+class LlavaFamily:
+    """Installs FlowCut on one ``LlavaForConditionalGeneration`` instance and removes it again."""
+
+    model_classes = (LlavaForConditionalGeneration,)
+
+    def __init__(
+        self, model: LlavaForConditionalGeneration, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]
+    ):
+        self.model = model
+        self.config = config
+        self.on_trace = on_trace
+        self.base = model.model
+        self.encoder = ClipEncoderAdapter(self.base.vision_tower)
+        model_config = model.config
+        self.default_feature_layer = feature_layer_index(model_config.vision_feature_layer, self.encoder.num_layers)
+        check_select_strategy(model_config.vision_feature_select_strategy)
+        self.image_token_id = model_config.image_token_id
+        self._previous: dict[str, Any] = {}
+        self._hook = None
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens per image that reach the language model."""
+        return min(self.config.keep, self.encoder.num_patches)
+
+    @property
+    def stock_tokens_per_image(self) -> int:
+        """Visual tokens per image of the unpruned model."""
+        return self.encoder.num_patches
+
+    # -- model side -------------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Route this instance's image features through FlowCut."""
+        original = self.base.__dict__.get("get_image_features")
+        self._previous["get_image_features"] = original
+        stock = original if original is not None else type(self.base).get_image_features.__get__(self.base)
+        family = self
+
+        def get_image_features(
+            pixel_values: torch.Tensor,
+            vision_feature_layer: int | list[int] | None = None,
+            vision_feature_select_strategy: str | None = None,
+            image_sizes: torch.Tensor | None = None,
+            **kwargs: Any,
+        ) -> BaseModelOutputWithPooling | tuple:
+            return family.image_features(
+                stock, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes, **kwargs
+            )
+
+        self.base.get_image_features = get_image_features
+        self._hook = self.model.register_forward_pre_hook(self._check_placeholders, with_kwargs=True)
+
+    def uninstall(self) -> None:
+        """Restore the instance exactly as it was before :meth:`install`."""
+        previous = self._previous.pop("get_image_features", None)
+        if previous is None:
+            self.base.__dict__.pop("get_image_features", None)
+        else:
+            self.base.get_image_features = previous
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def image_features(
+        self,
+        stock: Callable[..., Any],
+        pixel_values: torch.Tensor,
+        vision_feature_layer: Any,
+        vision_feature_select_strategy: Any,
+        image_sizes: Any,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """FlowCut's replacement for ``LlavaModel.get_image_features``."""
+        model_config = self.model.config
+        layer = model_config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = (
+            model_config.vision_feature_select_strategy
+            if vision_feature_select_strategy is None
+            else vision_feature_select_strategy
+        )
+        feature_layer = feature_layer_index(layer, self.encoder.num_layers)
+        check_select_strategy(strategy)
+        if image_sizes is not None:
+            raise ValueError("FlowCut's LLaVA-1.5 path takes fixed-size images; image_sizes is not supported")
+        batch_size = pixel_values.shape[0]
+
+        if self.config.keep >= self.encoder.num_patches:
+            # Documented no-op: the stock path, bit for bit.
+            output = stock(
+                pixel_values=pixel_values,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                **kwargs,
+            )
+            every_patch = torch.arange(self.encoder.num_patches)
+            images = [
+                ImageTrace(
+                    every_patch, [self.encoder.num_patches] * (feature_layer + 1), [], [None] * (feature_layer + 1)
+                )
+                for _ in range(batch_size)
+            ]
+            self.on_trace(PruningTrace(images, self.encoder.grid_size, self.config.keep, feature_layer))
+            return output
+
+        settings = EncoderStageSettings(
+            keep=self.config.keep,
+            feature_layer=feature_layer,
+            prune_interval=self.config.prune_interval,
+            ema_weight=self.config.ema_weight,
+            record_scores=self.config.record_scores,
+        )
+        with self.encoder.session():
+            stage = run_encoder_stage(self.encoder, pixel_values, settings)
+        projected = self.base.multi_modal_projector(stage.hidden_states[:, 1:])
+        self.on_trace(PruningTrace(stage.images, self.encoder.grid_size, self.config.keep, feature_layer))
+        output = BaseModelOutputWithPooling(last_hidden_state=stage.hidden_states, pooler_output=list(projected))
+        return output if kwargs.get("return_dict", True) else output.to_tuple()
+
+    def _check_placeholders(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Explain a placeholder count that was made for the unpruned model before the model's own check fails."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            return
+        num_images = None
+        pixel_values = kwargs.get("pixel_values")
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if pixel_values is not None:
+            num_images = pixel_values.shape[0]
+        elif encoded is not None and encoded.pooler_output is not None:
+            num_images = len(encoded.pooler_output)
+        if not num_images:
+            return
+        placeholders = int((input_ids == self.image_token_id).sum())
+        expected = num_images * self.tokens_per_image
+        if placeholders != expected and placeholders == num_images * self.stock_tokens_per_image:
+            raise ValueError(
+                f"the prompt holds {self.stock_tokens_per_image} image tokens per image, but this model keeps "
+                f"{self.tokens_per_image}: build inputs with the processor passed to "
+                "flowcut.apply(model, processor=processor, keep=...), which shrinks the placeholders to match"
+            )
+
+    # -- processor side ---------------------------------------------------------------------
+
+    def patch_processor(self, processor: Any) -> None:
+        """Make ``processor`` emit ``keep`` image placeholders per image (instance-level, reversible)."""
+        if not hasattr(processor, "replace_image_token") or getattr(processor, "image_token", None) is None:
+            raise TypeError(f"expected a LLaVA processor with an image token, got {type(processor).__name__}")
+        if getattr(processor, "image_token_id", self.image_token_id) != self.image_token_id:
+            raise ValueError(
+                f"processor image token id {processor.image_token_id} differs from the model's {self.image_token_id}"
+            )
+        if "replace_image_token" in processor.__dict__:
+            raise ValueError(
+                "this processor is already adapted by another FlowCut handle; give each pruned model its own "
+                "processor instance (copy.deepcopy(processor))"
+            )
+        tokens = self.tokens_per_image
+        stock_replace = processor.replace_image_token
+        stock_counts = processor._get_num_multimodal_tokens
+
+        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+            stock_count = stock_replace(image_inputs, image_idx=image_idx, **kwargs).count(processor.image_token)
+            if stock_count != self.stock_tokens_per_image:
+                raise ValueError(
+                    f"the processor makes {stock_count} image tokens per image but the vision tower has "
+                    f"{self.stock_tokens_per_image} patches: processor and model do not match"
+                )
+            return processor.image_token * tokens
+
+        def get_num_multimodal_tokens(image_sizes: Any = None, **kwargs: Any) -> Any:
+            data = stock_counts(image_sizes=image_sizes, **kwargs)
+            if getattr(data, "num_image_tokens", None) is not None:
+                data.num_image_tokens = [tokens] * len(data.num_image_tokens)
+            return data
+
+        processor.replace_image_token = replace_image_token
+        processor._get_num_multimodal_tokens = get_num_multimodal_tokens
+
+    @staticmethod
+    def unpatch_processor(processor: Any) -> None:
+        """Undo :meth:`patch_processor`."""
+        processor.__dict__.pop("replace_image_token", None)
+        processor.__dict__.pop("_get_num_multimodal_tokens", None)

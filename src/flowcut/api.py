@@ -1,0 +1,116 @@
+"""Public entry points: ``apply`` one pruning configuration to one model instance, and undo it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from flowcut.adapters.llava import LlavaFamily
+from flowcut.config import FlowCutConfig
+from flowcut.trace import PruningTrace
+
+FAMILIES = (LlavaFamily,)
+"""Model-family adapters, tried in order against the model's class."""
+
+_HANDLE_ATTRIBUTE = "_flowcut_handle"
+
+
+def supported_model_classes() -> list[str]:
+    """Names of the model classes :func:`apply` accepts."""
+    return [cls.__name__ for family in FAMILIES for cls in family.model_classes]
+
+
+class FlowCutHandle:
+    """FlowCut installed on one model instance; :meth:`remove` (or leaving a ``with`` block) undoes it."""
+
+    def __init__(self, model: torch.nn.Module, config: FlowCutConfig, processor: Any = None) -> None:
+        family = next((f for f in FAMILIES if isinstance(model, f.model_classes)), None)
+        if family is None:
+            raise TypeError(
+                f"FlowCut does not support {type(model).__name__}; supported model classes: "
+                f"{', '.join(supported_model_classes())}"
+            )
+        if getattr(model, _HANDLE_ATTRIBUTE, None) is not None:
+            raise RuntimeError("FlowCut is already applied to this model; call handle.remove() first")
+        self.model = model
+        self.config = config
+        self.processor = processor
+        self.last_trace: PruningTrace | None = None
+        self._family = family(model, config, self._record_trace)
+        self._family.install()
+        try:
+            if processor is not None:
+                self._family.patch_processor(processor)
+        except Exception:
+            self._family.uninstall()
+            raise
+        setattr(model, _HANDLE_ATTRIBUTE, self)
+
+    def _record_trace(self, trace: PruningTrace) -> None:
+        self.last_trace = trace
+
+    @property
+    def active(self) -> bool:
+        """Whether FlowCut is still installed on the model."""
+        return getattr(self.model, _HANDLE_ATTRIBUTE, None) is self
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens per image that reach the language model."""
+        return self._family.tokens_per_image
+
+    def remove(self) -> None:
+        """Restore the model (and processor) to their exact original behaviour. Idempotent."""
+        if not self.active:
+            return
+        self._family.uninstall()
+        if self.processor is not None:
+            self._family.unpatch_processor(self.processor)
+        delattr(self.model, _HANDLE_ATTRIBUTE)
+
+    def __enter__(self) -> FlowCutHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        name = type(self.model).__name__
+        return f"FlowCutHandle({name}, keep={self.config.keep}, method={self.config.method!r}, {state})"
+
+
+def apply(
+    model: torch.nn.Module,
+    processor: Any = None,
+    keep: int | None = None,
+    method: str = "flowcut",
+    config: FlowCutConfig | None = None,
+    **options: Any,
+) -> FlowCutHandle:
+    """Prune ``model``'s visual tokens to ``keep`` per image; returns a handle that can undo it.
+
+    Pass the model's ``processor`` so prompts carry ``keep`` image placeholders per image. Either
+    give ``keep``/``method``/``options`` or a ready :class:`FlowCutConfig`, not both.
+    """
+    if config is None:
+        config = FlowCutConfig(keep=64 if keep is None else keep, method=method, **options)
+    elif keep is not None or options or method != "flowcut":
+        raise ValueError("pass either config= or keep/method/options, not both")
+    return FlowCutHandle(model, config, processor)
+
+
+def get_handle(model: torch.nn.Module) -> FlowCutHandle | None:
+    """The active handle of a model FlowCut was applied to, or None."""
+    return getattr(model, _HANDLE_ATTRIBUTE, None)
+
+
+def flowcut(model: torch.nn.Module, target_num: int = 64) -> torch.nn.Module:
+    """Compatibility entry point with the authors' package: ``model = flowcut(model, target_num=64)``.
+
+    Returns the same model with FlowCut applied; :func:`get_handle` gives its handle. Build prompts
+    with a processor passed to :func:`apply`, or ``target_num`` image placeholders per image.
+    """
+    apply(model, keep=target_num)
+    return model

@@ -1,0 +1,1 @@
+"""Model-independent FlowCut: scoring math and the encoder-stage loop."""

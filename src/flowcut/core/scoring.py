@@ -1,0 +1,131 @@
+"""FlowCut's scoring and schedule math (SPEC §2): tensors in, tensors out, no model code.
+
+Shapes: ``B`` images, ``H`` heads, ``K`` token slots (slot 0 is the query token, CLS in CLIP),
+``d`` head dim. ``alive`` masks mark the slots holding real tokens (the rest is batch padding).
+Every function computes in at least float32, whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype score math runs in: float32, or float64 when the model itself runs in float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def row_attention(
+    query_row: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    alive: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Head-averaged softmax of one query row over all alive keys: ``(B,H,1,d),(B,H,K,d) -> (B,K)``.
+
+    This is one row of the attention matrix, O(K·d) per head; the K×K matrix is never formed.
+    """
+    dtype = score_dtype(query_row.dtype)
+    logits = torch.matmul(query_row.to(dtype), key.to(dtype).transpose(-1, -2)).squeeze(-2) * scaling
+    if alive is not None:
+        logits = logits.masked_fill(~alive[:, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+def value_l1_norm(value: torch.Tensor) -> torch.Tensor:
+    """Information density: L1 norm of each token's head-averaged value vector, ``(B,H,K,d) -> (B,K)``."""
+    return value.to(score_dtype(value.dtype)).mean(dim=1).abs().sum(dim=-1)
+
+
+@dataclass
+class CriteriaScores:
+    """The three per-patch criteria of one layer (CLS excluded), each ``(B, N)``."""
+
+    relation: torch.Tensor
+    semantic: torch.Tensor
+    density: torch.Tensor
+
+
+def cls_criteria(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    alive: torch.Tensor | None = None,
+) -> CriteriaScores:
+    """Relation, semantic and density criteria of every patch seen from the CLS token (slot 0).
+
+    ``query``/``key``/``value`` are the layer's own ``(B,H,K,d)`` projections. The semantic term
+    is unscaled, as in the reference code's vision stage.
+    """
+    relation = row_attention(query[:, :, :1], key, scaling, alive)
+    semantic = row_attention(value[:, :, :1], value, 1.0, alive)
+    density = value_l1_norm(value)
+    return CriteriaScores(relation[:, 1:], semantic[:, 1:], density[:, 1:])
+
+
+def _masked_normalise(score: torch.Tensor, patch_alive: torch.Tensor | None) -> torch.Tensor:
+    if patch_alive is not None:
+        score = score.masked_fill(~patch_alive, 0.0)
+    return score / score.sum(dim=-1, keepdim=True)
+
+
+def layer_score(criteria: CriteriaScores, patch_alive: torch.Tensor | None = None) -> torch.Tensor:
+    """``S = (a/Σa + s/Σs) · n`` per patch; padded patches score 0."""
+    score = (
+        _masked_normalise(criteria.relation, patch_alive) + _masked_normalise(criteria.semantic, patch_alive)
+    ) * criteria.density
+    if patch_alive is not None:
+        score = score.masked_fill(~patch_alive, 0.0)
+    return score
+
+
+def update_cumulative(cumulative: torch.Tensor | None, score: torch.Tensor, ema_weight: float = 0.5) -> torch.Tensor:
+    """Cumulative score over layers: the first scored layer's score, then ``w·C + (1−w)·S``."""
+    if cumulative is None:
+        return score.clone()
+    return ema_weight * cumulative + (1.0 - ema_weight) * score
+
+
+def entropy_ratio(relation: torch.Tensor, patch_alive: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy of the normalised relation scores over the alive patches, divided by its maximum ``log N``.
+
+    ``(B, N) -> (B,)``. 1 means uniform attention, values near 0 mean concentrated attention.
+    """
+    probs = _masked_normalise(relation, patch_alive)
+    entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)
+    if patch_alive is None:
+        alive_count = torch.full_like(entropy, relation.shape[-1])
+    else:
+        alive_count = patch_alive.sum(dim=-1).to(entropy.dtype)
+    return entropy / alive_count.log()
+
+
+def is_prune_layer(remaining_layers: int, interval: int = 2) -> bool:
+    """Whether a layer with ``remaining_layers`` (L = F − i) left before the final prune prunes."""
+    return remaining_layers >= 0 and remaining_layers % interval == 0
+
+
+def prune_count(alive: int, keep: int, remaining_layers: int, entropy_ratio_value: torch.Tensor | float) -> int:
+    """How many patches one prune step removes: ``round((N − T)/√L · (1 − (H/log N)²))``.
+
+    At the final step (L = 0) everything above ``keep`` goes. Rounding is half-to-even, as in the
+    reference code's ``Tensor.round``. The result never takes the count below ``keep``.
+    """
+    if alive <= keep:
+        return 0
+    if remaining_layers == 0:
+        return alive - keep
+    ratio = torch.as_tensor(entropy_ratio_value)
+    raw = (alive - keep) / math.sqrt(remaining_layers) * (1 - ratio**2)
+    return min(int(raw.round().item()), alive - keep)
+
+
+def select_kept(cumulative: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the ``count`` largest cumulative scores of one image, in ascending (spatial) order."""
+    if count > cumulative.shape[-1]:
+        raise ValueError(f"cannot keep {count} of {cumulative.shape[-1]} tokens")
+    return torch.topk(cumulative, count, dim=-1).indices.sort(dim=-1).values

@@ -1,0 +1,160 @@
+"""Tiny, randomly initialised LLaVA models built offline (tests, demos, smoke checks).
+
+Everything is built locally: a word-level tokenizer from the ``tokenizers`` library, a PIL-based
+CLIP image processor, and a ``LlavaForConditionalGeneration`` from configs. The weights are
+random: such a model exercises the mechanics of pruning, it does not answer questions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+WORDS = (
+    "user assistant what is the colour color shape of a an in image picture photo this that there are how many "
+    "red green blue yellow purple orange white black grey circle square triangle star left right top bottom "
+    "above below next to yes no one two three four five six seven eight nine zero small large big describe "
+    "object objects and or it which where see do does you can"
+).split()
+PUNCTUATION = list(".,?!:;'\"-()")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'][0]['text'] }}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_tokenizer(extra_words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with LLaVA's special tokens, built without any download."""
+    vocabulary = list(dict.fromkeys(SPECIAL_TOKENS + ["USER", "ASSISTANT"] + PUNCTUATION + WORDS + (extra_words or [])))
+    model = models.WordLevel({word: i for i, word in enumerate(vocabulary)}, unk_token="<unk>")
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens=["<image>"],
+    )
+    return fast
+
+
+def build_processor(
+    image_size: int, patch_size: int, tokenizer: PreTrainedTokenizerFast | None = None
+) -> LlavaProcessor:
+    """A LLaVA processor (PIL image processor + local tokenizer) for ``image_size`` square images."""
+    tokenizer = tokenizer or build_tokenizer()
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_llava_config(
+    vocab_size: int,
+    image_token_id: int,
+    pad_token_id: int,
+    image_size: int = 84,
+    patch_size: int = 7,
+    vision_layers: int = 6,
+    vision_hidden: int = 32,
+    vision_heads: int = 4,
+    text_layers: int = 2,
+    text_hidden: int = 64,
+    text_heads: int = 4,
+    initializer_factor: float = 1.0,
+) -> LlavaConfig:
+    """A small LLaVA-1.5-shaped config: CLIP ViT with a CLS token, 2-layer MLP projector, Llama."""
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_act="quick_gelu",
+        initializer_factor=initializer_factor,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=text_hidden,
+        intermediate_size=text_hidden * 2,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        num_key_value_heads=max(1, text_heads // 2),
+        max_position_embeddings=4096,
+        pad_token_id=pad_token_id,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        pad_token_id=pad_token_id,
+    )
+
+
+def build_tiny_llava(
+    seed: int = 0,
+    image_size: int = 84,
+    patch_size: int = 7,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    **config_options: int | float,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A random tiny LLaVA and its processor; the same ``seed`` gives the same weights."""
+    processor = build_processor(image_size, patch_size)
+    tokenizer = processor.tokenizer
+    config = tiny_llava_config(
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        image_size=image_size,
+        patch_size=patch_size,
+        **config_options,
+    )
+    config._attn_implementation = attn_implementation
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.to(dtype).eval(), processor
+
+
+def save_tiny_llava(directory: str | Path, seed: int = 0, **options: int | float) -> Path:
+    """Build a tiny random LLaVA and save model + processor with ``save_pretrained``."""
+    model, processor = build_tiny_llava(seed=seed, **options)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory

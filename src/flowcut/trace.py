@@ -1,0 +1,42 @@
+"""The pruning trace: what the last forward pass kept, per image and per layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flowcut.core.encoder_stage import ImageTrace
+
+
+@dataclass
+class PruningTrace:
+    """Everything tools need to inspect one pruned forward pass (``handle.last_trace``)."""
+
+    images: list[ImageTrace]
+    grid_size: tuple[int, int]
+    """Patch grid (rows, columns) the kept indices refer to (row-major, CLS excluded)."""
+    keep: int
+    feature_layer: int
+    """Encoder layer whose output fed the projector; layers after it did not run."""
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image before pruning."""
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def kept_indices(self) -> list[torch.Tensor]:
+        """Per image, the kept patch indices in ascending order."""
+        return [image.kept_indices for image in self.images]
+
+    @property
+    def tokens_per_layer(self) -> list[list[int]]:
+        """Per image, the patch tokens each executed encoder layer processed."""
+        return [image.tokens_per_layer for image in self.images]
+
+    def kept_mask(self, image: int = 0) -> torch.Tensor:
+        """``(rows, columns)`` boolean map of the kept patches of one image."""
+        mask = torch.zeros(self.num_patches, dtype=torch.bool)
+        mask[self.images[image].kept_indices] = True
+        return mask.view(self.grid_size)

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random LLaVA models and procedural images, all built offline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flowcut.tiny import build_tiny_llava
+
+# Strongly initialised vision weights make CLS attention concentrate, so per-image schedules differ.
+VISION_OPTIONS = {"vision_layers": 8, "initializer_factor": 6.0}
+PROMPT = "USER: <image>\nwhat is the colour of the circle ? ASSISTANT:"
+
+
+def make_image(seed: int, size: int = 84) -> Image.Image:
+    """A deterministic noisy image with a few bright blocks."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 80, size=(size, size, 3), dtype=np.uint8)
+    for _ in range(3):
+        top, left = rng.integers(0, size - 20, size=2)
+        pixels[top : top + 16, left : left + 16] = rng.integers(120, 255, size=3, dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny():
+    """A fresh tiny LLaVA (float32, SDPA) and its processor."""
+    return build_tiny_llava(seed=0, **VISION_OPTIONS)
+
+
+@pytest.fixture
+def images() -> list[Image.Image]:
+    return [make_image(seed) for seed in range(3)]

@@ -1,0 +1,80 @@
+"""The ``flowcut`` command line on a tiny saved model."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_image
+from flowcut.cli import app, build_prompt
+from flowcut.tiny import build_processor, save_tiny_llava
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cli")
+    save_tiny_llava(directory / "model", seed=0)
+    image = directory / "image.png"
+    make_image(0).save(image)
+    return directory / "model", image
+
+
+def test_generate_prints_answer_budget_and_timings(saved):
+    model, image = saved
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(model),
+            "--image",
+            str(image),
+            "--prompt",
+            "what colour ?",
+            "--keep",
+            "16",
+            "--max-new-tokens",
+            "4",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "tokens kept: 16 of 144 per image (88.9% pruned)" in result.output
+    assert "prefill (vision encoder + prompt):" in result.output and "for 4 new tokens on cpu" in result.output
+
+
+def test_generate_rejects_bad_keep(saved):
+    model, image = saved
+    result = runner.invoke(
+        app, ["generate", "--model", str(model), "--image", str(image), "--prompt", "x", "--keep", "0"]
+    )
+    assert result.exit_code == 2
+    assert "keep must be at least 1" in result.output
+
+
+def test_generate_missing_image(saved, tmp_path):
+    model, _ = saved
+    result = runner.invoke(
+        app, ["generate", "--model", str(model), "--image", str(tmp_path / "no.png"), "--prompt", "x"]
+    )
+    assert result.exit_code == 2 and "image file not found" in result.output
+
+
+def test_generate_not_a_model_directory(saved, tmp_path):
+    _, image = saved
+    result = runner.invoke(app, ["generate", "--model", str(tmp_path), "--image", str(image), "--prompt", "x"])
+    assert result.exit_code == 2 and "holds no config.json" in result.output
+
+
+def test_prompt_uses_chat_template():
+    processor = build_processor(84, 7)
+    assert build_prompt(processor, "what colour ?") == "USER: <image>\nwhat colour ? ASSISTANT:"
+    processor.chat_template = None
+    assert build_prompt(processor, "hi") == "USER: <image>\nhi ASSISTANT:"
+    assert build_prompt(processor, "USER: <image> x") == "USER: <image> x"
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("flowcut-vlm ")

@@ -1,0 +1,144 @@
+"""Bad input gets a clear error, never a silent wrong answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration, SiglipVisionConfig
+
+import flowcut
+from conftest import PROMPT
+from flowcut.tiny import build_tiny_llava, tiny_llava_config
+
+
+@pytest.mark.parametrize("keep", [0, -3])
+def test_keep_below_one(tiny, keep):
+    model, _ = tiny
+    with pytest.raises(ValueError, match=f"keep must be at least 1 visual token per image, got {keep}"):
+        flowcut.apply(model, keep=keep)
+
+
+@pytest.mark.parametrize("keep", [1.5, 64.0, True, "64", None.__class__])
+def test_keep_not_an_integer(tiny, keep):
+    model, _ = tiny
+    with pytest.raises(TypeError, match="keep must be a positive integer number of visual tokens"):
+        flowcut.apply(model, keep=keep)
+
+
+def test_unsupported_model_names_supported_classes():
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    with pytest.raises(
+        TypeError, match="does not support LlamaForCausalLM; supported model classes: LlavaForConditionalGeneration"
+    ):
+        flowcut.apply(model, keep=8)
+
+
+def test_unknown_method(tiny):
+    with pytest.raises(ValueError, match="unknown method 'fastvv'; available: flowcut"):
+        flowcut.apply(tiny[0], keep=8, method="fastvv")
+
+
+def test_config_and_keep_together(tiny):
+    with pytest.raises(ValueError, match="either config= or keep"):
+        flowcut.apply(tiny[0], keep=8, config=flowcut.FlowCutConfig(keep=8))
+
+
+def test_applied_twice(tiny):
+    model, _ = tiny
+    flowcut.apply(model, keep=8)
+    with pytest.raises(RuntimeError, match="already applied"):
+        flowcut.apply(model, keep=16)
+
+
+def _llava(**overrides):
+    model, processor = build_tiny_llava(seed=0)
+    config = tiny_llava_config(
+        vocab_size=len(processor.tokenizer), image_token_id=model.config.image_token_id, pad_token_id=0
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return LlavaForConditionalGeneration(config).eval(), processor
+
+
+def test_multi_layer_features_rejected():
+    model, _ = _llava(vision_feature_layer=[-2, -5])
+    with pytest.raises(ValueError, match=r"single vision feature layer; vision_feature_layer=\[-2, -5\]"):
+        flowcut.apply(model, keep=8)
+
+
+def test_full_select_strategy_rejected():
+    model, _ = _llava(vision_feature_select_strategy="full")
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='full' is not supported"):
+        flowcut.apply(model, keep=8)
+
+
+def test_feature_layer_without_room_to_prune():
+    model, _ = _llava(vision_feature_layer=1)  # the output of encoder layer 0
+    with pytest.raises(ValueError, match="leaves no encoder layer before the features"):
+        flowcut.apply(model, keep=8)
+
+
+def test_call_time_feature_layer_is_checked(tiny, images):
+    model, processor = tiny
+    flowcut.apply(model, keep=8)
+    pixel_values = processor.image_processor(images[0], return_tensors="pt").pixel_values
+    with pytest.raises(ValueError, match="single vision feature layer"):
+        model.model.get_image_features(pixel_values, vision_feature_layer=[-2, -3])
+
+
+def test_vision_tower_without_cls_rejected():
+    model, _ = build_tiny_llava(seed=0)
+    config = model.config
+    config.vision_config = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=84, patch_size=7
+    )
+    siglip_model = LlavaForConditionalGeneration(config)
+    with pytest.raises(TypeError, match="needs a CLIPVisionModel vision tower, got SiglipVisionModel"):
+        flowcut.apply(siglip_model, keep=8)
+
+
+def test_stock_placeholders_explained(tiny, images):
+    model, processor = tiny
+    stock_inputs = processor(images=images[0], text=PROMPT, return_tensors="pt")
+    flowcut.apply(model, keep=8)  # processor not passed: placeholders stay at 144
+    with pytest.raises(ValueError, match="holds 144 image tokens per image, but this model keeps 8"), torch.no_grad():
+        model(**stock_inputs)
+    with pytest.raises(ValueError, match="holds 144 image tokens per image"), torch.no_grad():
+        model.generate(**stock_inputs, max_new_tokens=2)
+
+
+def test_processor_shared_by_two_handles(images):
+    first, processor = build_tiny_llava(seed=0)
+    second, _ = build_tiny_llava(seed=0)
+    flowcut.apply(first, processor=processor, keep=8)
+    with pytest.raises(ValueError, match="already adapted by another FlowCut handle"):
+        flowcut.apply(second, processor=processor, keep=16)
+    # The failed apply left the second model untouched.
+    assert flowcut.get_handle(second) is None and "get_image_features" not in second.model.__dict__
+
+
+def test_recording_attention_outside_a_pass():
+    from flowcut.adapters.attention import _recording_attention
+
+    q = torch.zeros(1, 1, 2, 4)
+    with pytest.raises(RuntimeError, match="runs only inside FlowCut's own encoder pass"):
+        _recording_attention(None, q, q, q, None)
+
+
+def test_config_round_trip(tmp_path):
+    config = flowcut.FlowCutConfig(keep=32, ema_weight=0.25)
+    config.save(tmp_path)
+    assert flowcut.FlowCutConfig.load(tmp_path) == config
+    with pytest.raises(ValueError, match="unknown FlowCut config keys: bogus"):
+        flowcut.FlowCutConfig.from_dict({"keep": 8, "bogus": 1})
+    with pytest.raises(ValueError, match="ema_weight must be in"):
+        flowcut.FlowCutConfig(ema_weight=1.0)
