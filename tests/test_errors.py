@@ -142,3 +142,14 @@ def test_config_round_trip(tmp_path):
         flowcut.FlowCutConfig.from_dict({"keep": 8, "bogus": 1})
     with pytest.raises(ValueError, match="ema_weight must be in"):
         flowcut.FlowCutConfig(ema_weight=1.0)
+
+
+def test_unsupported_vision_attention_implementation(tiny, images):
+    model, processor = tiny
+    flowcut.apply(model, keep=8)
+    model.model.vision_tower.config._attn_implementation = "flex_attention"
+    pixel_values = processor.image_processor(images[0], return_tensors="pt").pixel_values
+    with pytest.raises(ValueError, match="not 'flex_attention'"):
+        model.model.get_image_features(pixel_values)
+    # The failed pass left the configured implementation in place.
+    assert model.model.vision_tower.config._attn_implementation == "flex_attention"

@@ -95,6 +95,7 @@ class LlavaFamily:
             image_sizes: torch.Tensor | None = None,
             **kwargs: Any,
         ) -> BaseModelOutputWithPooling | tuple:
+            """Image features pruned by FlowCut (installed by flowcut.apply on this instance)."""
             return family.image_features(
                 stock, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes, **kwargs
             )
@@ -211,6 +212,7 @@ class LlavaFamily:
         stock_counts = processor._get_num_multimodal_tokens
 
         def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+            """``keep`` placeholders per image (installed by flowcut.apply on this processor)."""
             stock_count = stock_replace(image_inputs, image_idx=image_idx, **kwargs).count(processor.image_token)
             if stock_count != self.stock_tokens_per_image:
                 raise ValueError(
@@ -220,6 +222,7 @@ class LlavaFamily:
             return processor.image_token * tokens
 
         def get_num_multimodal_tokens(image_sizes: Any = None, **kwargs: Any) -> Any:
+            """The stock counts with ``keep`` image tokens per image."""
             data = stock_counts(image_sizes=image_sizes, **kwargs)
             if getattr(data, "num_image_tokens", None) is not None:
                 data.num_image_tokens = [tokens] * len(data.num_image_tokens)
