@@ -1,0 +1,1 @@
+"""Datasets built procedurally, offline."""
