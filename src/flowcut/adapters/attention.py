@@ -49,10 +49,22 @@ def _recording_attention(
 AttentionInterface.register(RECORDING_ATTENTION, _recording_attention)
 
 
+def _is_flash(implementation: str | None) -> bool:
+    return implementation is not None and implementation.startswith("flash")
+
+
 def resolve_attention(implementation: str | None, eager: Callable[..., Any]) -> Callable[..., Any]:
-    """The attention function a module configured with ``implementation`` would call."""
+    """The attention function a module configured with ``implementation`` would call.
+
+    Only implementations whose padding masks :func:`key_padding_mask` can build are accepted.
+    """
     if implementation in (None, "eager"):
         return eager
+    if implementation != "sdpa" and not _is_flash(implementation):
+        raise ValueError(
+            "FlowCut's encoder stage runs with eager, sdpa or flash attention in the vision tower, "
+            f"not {implementation!r}: model.set_attn_implementation('sdpa') selects a supported one"
+        )
     return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
 
 
@@ -75,7 +87,7 @@ def key_padding_mask(alive: torch.Tensor, implementation: str | None, dtype: tor
     FlashAttention takes a 2-D ``(B, K)`` mask of real tokens; the others an additive
     ``(B, 1, 1, K)`` mask that is 0 for real keys and the dtype's minimum for padding.
     """
-    if implementation is not None and implementation.startswith("flash"):
+    if _is_flash(implementation):
         return alive.to(torch.int32)
     mask = torch.zeros(alive.shape, dtype=dtype, device=alive.device)
     mask = mask.masked_fill(~alive, torch.finfo(dtype).min)

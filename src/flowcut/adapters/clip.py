@@ -12,9 +12,6 @@ from flowcut.adapters.attention import key_padding_mask, recording_attention, re
 from flowcut.core.encoder_stage import AttentionRecord, AttentionRecorder
 from flowcut.core.scoring import CriteriaScores, cls_criteria
 
-SUPPORTED_ATTENTION = (None, "eager", "sdpa")
-"""Vision-tower attention implementations the encoder stage runs with (plus flash_attention_*)."""
-
 
 class ClipEncoderAdapter:
     """Runs a ``CLIPVisionModel`` layer by layer for the encoder stage."""
@@ -54,11 +51,6 @@ class ClipEncoderAdapter:
     def session(self) -> Iterator[ClipEncoderAdapter]:
         """Route the tower's attention through the recorder for one pass, then restore it."""
         self._implementation = self.attention_configs[0]._attn_implementation
-        if self._implementation not in SUPPORTED_ATTENTION and not str(self._implementation).startswith("flash"):
-            raise ValueError(
-                f"FlowCut's encoder stage runs with eager, sdpa or flash attention in the vision tower, "
-                f"not {self._implementation!r}: model.set_attn_implementation('sdpa') selects a supported one"
-            )
         self._attention = resolve_attention(self._implementation, modeling_clip.eager_attention_forward)
         with recording_attention(self.attention_configs):
             try:

@@ -39,7 +39,7 @@ VOCABULARY = sorted(
     | set(SIZES)
     | set(COUNT_WORDS)
     | {"yes", "no", "what", "colour", "is", "the", "shape", "of", "object", "there", "a", "how", "many"}
-    | {"objects", "are", "small", "or", "large", "left", "above", "?"}
+    | {"objects", "are", "or", "left", "above", "?"}
 )
 """Every word a question or an answer uses."""
 
