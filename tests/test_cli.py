@@ -6,7 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import make_image
-from flowcut.cli import app, build_prompt
+from flowcut.cli import app
+from flowcut.prompting import build_prompt
 from flowcut.tiny import build_processor, save_tiny_llava
 
 runner = CliRunner()

@@ -43,7 +43,7 @@ def test_unsupported_model_names_supported_classes():
 
 
 def test_unknown_method(tiny):
-    with pytest.raises(ValueError, match="unknown method 'fastvv'; available: flowcut"):
+    with pytest.raises(ValueError, match="unknown method 'fastvv'; available: flowcut, random"):
         flowcut.apply(tiny[0], keep=8, method="fastvv")
 
 

@@ -1,4 +1,4 @@
-"""The ``flowcut`` command line: answer a question about an image with a pruned model."""
+"""The ``flowcut`` command line: answer questions with a pruned model (``generate``), measure accuracy (``eval``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+
+from flowcut.prompting import build_prompt
 
 app = typer.Typer(help="FlowCut visual-token pruning for vision-language models.", no_args_is_help=True)
 console = Console(stderr=True, soft_wrap=True)
@@ -83,21 +85,53 @@ def load_model(model_name: str, device: str, dtype_name: str) -> tuple[Any, Any]
     return model.to(device).eval(), processor
 
 
-def build_prompt(processor: Any, question: str) -> str:
-    """The model's chat format around one image and the question (a LLaVA-1.5 prompt without a template)."""
-    if "<image>" in question:
-        return question
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"USER: <image>\n{question} ASSISTANT:"
+METHODS = ("flowcut", "one-shot", "random")
+MODEL_HELP = "Local model directory or Hugging Face Hub id (default: the bundled shapes-VQA reference model)."
+
+
+def _model_source(model: str | None) -> str:
+    if model is not None:
+        return model
+    from flowcut.reference import bundled_model_path
+
+    path = bundled_model_path()
+    if not (path / "config.json").exists():
+        _fail(f"the bundled model is missing from {path}; reinstall flowcut-vlm or pass --model")
+    return str(path)
+
+
+def _resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        _fail(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
+    return device, dtype
+
+
+def _unknown_words(processor: Any, text: str) -> list[str]:
+    """Words of ``text`` the model's tokenizer can only map to its unknown token."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    try:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
+        return []
+    pairs = zip(encoding["input_ids"], encoding["offset_mapping"], strict=True)
+    words = {text[start:end] for token, (start, end) in pairs if token == unk}
+    return sorted(words)
 
 
 @app.command()
 def generate(
     image: Annotated[Path, typer.Option(help="Image file to ask about.")],
     prompt: Annotated[str, typer.Option(help="Question about the image.")],
-    model: Annotated[str, typer.Option(help="Local model directory or Hugging Face Hub id.")],
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     keep: Annotated[int, typer.Option(help="Visual tokens per image that reach the language model.")] = 64,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 32,
     device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda', 'cuda:1', …")] = "auto",
@@ -117,18 +151,16 @@ def generate(
         picture = Image.open(image).convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
         _fail(f"cannot read image {image}: {error}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "float16" if device.startswith("cuda") else "float32"
-    if dtype not in DTYPES:
-        _fail(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
+    device, dtype = _resolve_device_dtype(device, dtype)
     try:
         flowcut.FlowCutConfig(keep=keep)
     except (TypeError, ValueError) as error:
         _fail(str(error))
 
-    loaded_model, processor = load_model(model, device, dtype)
+    loaded_model, processor = load_model(_model_source(model), device, dtype)
+    unknown = _unknown_words(processor, prompt)
+    if unknown:
+        console.print(f"[yellow]warning:[/yellow] words this model's tokenizer does not know: {', '.join(unknown)}")
     try:
         handle = flowcut.apply(loaded_model, processor=processor, keep=keep)
     except (TypeError, ValueError) as error:
@@ -165,6 +197,74 @@ def generate(
         f"prefill (vision encoder + prompt): {1000 * (first_pass_end[0] - start):.1f} ms, "
         f"total: {1000 * total:.1f} ms for {new_tokens.numel()} new tokens on {device} ({dtype})"
     )
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        _fail(f"--{name} takes comma-separated integers, got {text!r}")
+        raise  # unreachable: _fail exits
+
+
+@app.command("eval")
+def evaluate_command(
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated: flowcut, one-shot, random.")] = ",".join(METHODS),
+    budgets: Annotated[str, typer.Option(help="Comma-separated visual-token budgets per image.")] = "192,128,64,32",
+    split: Annotated[str, typer.Option(help="Shapes VQA split: test, validation or train.")] = "test",
+    count: Annotated[int, typer.Option(help="Number of questions.")] = 2000,
+    start: Annotated[int, typer.Option(help="Index of the first question.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Questions per forward pass.")] = 32,
+    output: Annotated[Path, typer.Option(help="Directory for eval.json, eval.md and eval.png.")] = Path("eval-results"),
+    plot: Annotated[bool, typer.Option(help="Write the accuracy-vs-tokens plot (needs matplotlib).")] = True,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda', 'cuda:1', …")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="'auto' (float16 on GPU, float32 on CPU), float32, float16, bfloat16.")
+    ] = "auto",
+) -> None:
+    """Accuracy of every method at every budget on the shapes VQA questions, against the unpruned model."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from flowcut.data.shapes import SPLIT_SEEDS, samples
+    from flowcut.evaluate import EvalReport, evaluate, settings_for
+
+    if split not in SPLIT_SEEDS:
+        _fail(f"unknown split {split!r}; choose from {', '.join(SPLIT_SEEDS)}")
+    if count < 1 or start < 0 or batch_size < 1:
+        _fail("--count and --batch-size must be at least 1 and --start at least 0")
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            _fail("the plot needs matplotlib: pip install 'flowcut-vlm[plot]', or pass --no-plot")
+    try:
+        settings = settings_for([m.strip() for m in methods.split(",") if m.strip()], _int_list(budgets, "budgets"))
+    except (TypeError, ValueError) as error:
+        _fail(str(error))
+    device, dtype = _resolve_device_dtype(device, dtype)
+    source = _model_source(model)
+    loaded_model, processor = load_model(source, device, dtype)
+    questions = list(samples(split, count, start))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(f"{len(settings)} settings × {count} questions", total=len(settings) * count)
+        try:
+            results = evaluate(
+                loaded_model,
+                processor,
+                questions,
+                settings,
+                batch_size=batch_size,
+                on_batch=lambda done: progress.advance(task, done),
+            )
+        except (TypeError, ValueError) as error:
+            _fail(str(error))
+    vision = loaded_model.config.vision_config
+    report_data = EvalReport(source, split, start, count, (vision.image_size // vision.patch_size) ** 2, results)
+    written = report_data.save(output, plot=plot)
+    report.print(report_data.to_markdown(), markup=False)
+    report.print("wrote " + ", ".join(str(path) for path in written))
 
 
 def main() -> None:

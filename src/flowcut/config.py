@@ -8,8 +8,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-METHODS = ("flowcut",)
-"""Methods available through :func:`flowcut.apply`."""
+METHODS = ("flowcut", "random")
+"""Methods available through :func:`flowcut.apply`: FlowCut, and a seeded uniform sample of patches (the floor)."""
+
+SCHEDULES = ("progressive", "one_shot")
+"""FlowCut's pruning schedule: SPEC §2's progressive pruning, or the paper's single-layer one-shot ablation."""
 
 CONFIG_NAME = "flowcut_config.json"
 
@@ -41,6 +44,10 @@ class FlowCutConfig:
     """Weight of the previous cumulative score: ``C = w·C + (1 − w)·S`` (SPEC §2: 0.5)."""
     record_scores: bool = False
     """Keep every layer's criteria maps in the trace (for visualisation; costs a copy per layer)."""
+    schedule: str = "progressive"
+    """``"one_shot"``: score one layer (the last before the features) and prune to ``keep`` there (ablation)."""
+    seed: int = 0
+    """Seed of ``method="random"``; each image's sample also depends on its pixels, not on its batch."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", validate_keep(self.keep))
@@ -48,6 +55,10 @@ class FlowCutConfig:
             raise ValueError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
         if isinstance(self.prune_interval, bool) or not isinstance(self.prune_interval, int) or self.prune_interval < 1:
             raise ValueError(f"prune_interval must be a positive integer, got {self.prune_interval!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; available: {', '.join(SCHEDULES)}")
+        if self.schedule != "progressive" and self.method != "flowcut":
+            raise ValueError(f"schedule={self.schedule!r} is a FlowCut ablation; it does not apply to {self.method!r}")
         if not 0.0 <= self.ema_weight < 1.0:
             raise ValueError(f"ema_weight must be in [0, 1), got {self.ema_weight!r}")
 

@@ -87,11 +87,14 @@ def tiny_llava_config(
     text_hidden: int = 64,
     text_heads: int = 4,
     initializer_factor: float = 1.0,
+    vision_intermediate: int | None = None,
+    text_intermediate: int | None = None,
+    text_kv_heads: int | None = None,
 ) -> LlavaConfig:
     """A small LLaVA-1.5-shaped config: CLIP ViT with a CLS token, 2-layer MLP projector, Llama."""
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,
-        intermediate_size=vision_hidden * 4,
+        intermediate_size=vision_intermediate or vision_hidden * 4,
         num_hidden_layers=vision_layers,
         num_attention_heads=vision_heads,
         image_size=image_size,
@@ -102,10 +105,10 @@ def tiny_llava_config(
     text = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=text_hidden,
-        intermediate_size=text_hidden * 2,
+        intermediate_size=text_intermediate or text_hidden * 2,
         num_hidden_layers=text_layers,
         num_attention_heads=text_heads,
-        num_key_value_heads=max(1, text_heads // 2),
+        num_key_value_heads=text_kv_heads or max(1, text_heads // 2),
         max_position_embeddings=4096,
         pad_token_id=pad_token_id,
     )

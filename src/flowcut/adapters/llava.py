@@ -18,7 +18,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from flowcut.adapters.clip import ClipEncoderAdapter
 from flowcut.config import FlowCutConfig
-from flowcut.core.encoder_stage import EncoderStageSettings, ImageTrace, run_encoder_stage
+from flowcut.core.encoder_stage import ImageTrace
+from flowcut.methods import run_encoder_method
 from flowcut.trace import PruningTrace
 
 
@@ -155,15 +156,8 @@ class LlavaFamily:
             self.on_trace(PruningTrace(images, self.encoder.grid_size, self.config.keep, feature_layer))
             return output
 
-        settings = EncoderStageSettings(
-            keep=self.config.keep,
-            feature_layer=feature_layer,
-            prune_interval=self.config.prune_interval,
-            ema_weight=self.config.ema_weight,
-            record_scores=self.config.record_scores,
-        )
         with self.encoder.session():
-            stage = run_encoder_stage(self.encoder, pixel_values, settings)
+            stage = run_encoder_method(self.config, self.encoder, pixel_values, feature_layer)
         projected = self.base.multi_modal_projector(stage.hidden_states[:, 1:])
         self.on_trace(PruningTrace(stage.images, self.encoder.grid_size, self.config.keep, feature_layer))
         output = BaseModelOutputWithPooling(last_hidden_state=stage.hidden_states, pooler_output=list(projected))

@@ -12,6 +12,7 @@ so an image keeps the same tokens alone or in any batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,6 +39,8 @@ class EncoderStageSettings:
     prune_interval: int = 2
     ema_weight: float = 0.5
     record_scores: bool = False
+    one_shot: bool = False
+    """Ablation: score only the last layer before the features and prune to ``keep`` there, by that layer alone."""
 
     @property
     def last_prune_layer(self) -> int:
@@ -174,6 +177,8 @@ def run_encoder_stage(
         ragged = min(counts) != width
         alive = _slot_mask(counts, width, device) if ragged else None
         scoring = index <= settings.last_prune_layer and width > keep
+        if settings.one_shot:
+            scoring = scoring and index == settings.last_prune_layer
         recorder = AttentionRecorder() if scoring else None
         hidden_states = adapter.run_layer(index, hidden_states, alive, recorder)
         for trace, count in zip(traces, counts, strict=True):
@@ -227,6 +232,32 @@ def run_encoder_stage(
 
     for b, trace in enumerate(traces):
         trace.kept_indices = positions[b, : counts[b]].cpu()
+    return EncoderStageOutput(hidden_states=hidden_states, images=traces)
+
+
+def run_encoder_then_select(
+    adapter: VisionEncoderAdapter,
+    pixel_values: torch.Tensor,
+    feature_layer: int,
+    choose: Callable[[torch.Tensor, int], torch.Tensor],
+) -> EncoderStageOutput:
+    """Run the encoder unpruned up to the feature layer, then keep the patches ``choose`` picks per image.
+
+    ``choose`` maps one image's pixel values and the patch count to its kept patch indices (any
+    order); they are sorted.
+    For selection rules that read no attention (e.g. random sampling).
+    """
+    hidden_states = adapter.embed(pixel_values)
+    num_patches = hidden_states.shape[1] - 1
+    for index in range(feature_layer + 1):
+        hidden_states = adapter.run_layer(index, hidden_states, None, None)
+    kept = [choose(image, num_patches).sort().values.to(hidden_states.device) for image in pixel_values]
+    selected = torch.stack([states[1 + indices] for states, indices in zip(hidden_states, kept, strict=True)])
+    hidden_states = torch.cat([hidden_states[:, :1], selected], dim=1)
+    traces = [
+        ImageTrace(indices.cpu(), [num_patches] * (feature_layer + 1), [feature_layer], [None] * (feature_layer + 1))
+        for indices in kept
+    ]
     return EncoderStageOutput(hidden_states=hidden_states, images=traces)
 
 

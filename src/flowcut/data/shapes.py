@@ -177,6 +177,35 @@ def make_sample(split: str, index: int) -> Sample:
     return Sample(render(objects, rng), objects, question, answer, kind)
 
 
+@dataclass(frozen=True)
+class Conversation:
+    """One image with several distinct questions about it (multi-turn training data, as LLaVA's)."""
+
+    image: Image.Image
+    objects: tuple[ShapeObject, ...]
+    turns: tuple[tuple[str, str, str], ...]
+    """``(question, answer, kind)`` per turn."""
+
+
+def make_conversation(split: str, index: int, turns: int) -> Conversation:
+    """Conversation ``index`` of ``split``: up to ``turns`` distinct questions about one scene.
+
+    Conversations use their own random streams, so conversation ``i`` and :func:`make_sample` ``i``
+    of a split are different scenes.
+    """
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLIT_SEEDS)}")
+    rng = np.random.default_rng([SPLIT_SEEDS[split], index, turns])
+    objects = _scene(rng)
+    chosen: dict[str, tuple[str, str, str]] = {}
+    for _ in range(4 * turns):
+        if len(chosen) == turns:
+            break
+        question, answer, kind = _question(objects, rng)
+        chosen.setdefault(question, (question, answer, kind))
+    return Conversation(render(objects, rng), objects, tuple(chosen.values()))
+
+
 def samples(split: str, count: int, start: int = 0) -> Iterator[Sample]:
     """``count`` consecutive samples of a split."""
     for index in range(start, start + count):

@@ -1,0 +1,252 @@
+"""Accuracy of pruning methods and budgets on the shapes VQA data (``flowcut eval``).
+
+Each question is answered by the model's first greedy token (the answers are one word), with the
+pruning setting applied through :func:`flowcut.apply` exactly as a user would. The unpruned model
+runs first; its accuracy is the reference every setting's retention is measured against.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowcut.api import apply
+from flowcut.config import FlowCutConfig
+from flowcut.data.shapes import QUESTION_KINDS, Sample
+from flowcut.prompting import build_prompt
+
+METHODS = {
+    "flowcut": ("FlowCut", {"method": "flowcut"}),
+    "one-shot": ("FlowCut one-shot (single layer)", {"method": "flowcut", "schedule": "one_shot"}),
+    "random": ("random", {"method": "random"}),
+}
+"""Methods ``flowcut eval`` compares: name → (label, :class:`FlowCutConfig` fields)."""
+
+DEFAULT_BUDGETS = (192, 128, 64, 32)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the evaluation: a method at a budget, or the unpruned model (``method=None``)."""
+
+    method: str | None
+    keep: int | None = None
+
+    @property
+    def label(self) -> str:
+        """Human-readable name."""
+        return "unpruned" if self.method is None else METHODS[self.method][0]
+
+    def config(self) -> FlowCutConfig:
+        """The pruning configuration this setting applies."""
+        if self.method is None or self.keep is None:
+            raise ValueError("the unpruned setting has no pruning configuration")
+        return FlowCutConfig(keep=self.keep, **METHODS[self.method][1])
+
+
+def settings_for(methods: Sequence[str], budgets: Sequence[int]) -> list[Setting]:
+    """The unpruned reference, then every method at every budget (largest budget first)."""
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(METHODS)}")
+    if not budgets:
+        raise ValueError("give at least one budget")
+    for keep in budgets:
+        FlowCutConfig(keep=keep)
+    ordered = sorted(set(budgets), reverse=True)
+    return [Setting(None)] + [Setting(method, keep) for method in methods for keep in ordered]
+
+
+@dataclass
+class Result:
+    """Correct answers of one setting, overall and per question kind."""
+
+    method: str | None
+    keep: int
+    label: str
+    correct: int = 0
+    total: int = 0
+    per_kind: dict[str, list[int]] = field(default_factory=dict)
+    """kind → [correct, total]."""
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of questions answered correctly."""
+        return self.correct / self.total if self.total else float("nan")
+
+
+@dataclass
+class EvalReport:
+    """All results of one ``flowcut eval`` run."""
+
+    model: str
+    split: str
+    start: int
+    count: int
+    num_patches: int
+    results: list[Result]
+
+    @property
+    def unpruned(self) -> Result:
+        """The reference row."""
+        return next(result for result in self.results if result.method is None)
+
+    def retention(self, result: Result) -> float | None:
+        """Accuracy relative to the unpruned model (None when the unpruned model answers nothing right)."""
+        reference = self.unpruned.accuracy
+        return result.accuracy / reference if reference > 0 else None
+
+    def find(self, method: str, keep: int) -> Result:
+        """The result of ``method`` at ``keep``."""
+        return next(result for result in self.results if result.method == method and result.keep == keep)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (accuracies and retentions included)."""
+        rows = []
+        for result in self.results:
+            row = asdict(result)
+            row["accuracy"] = result.accuracy
+            row["retention"] = self.retention(result)
+            rows.append(row)
+        return {
+            "model": self.model,
+            "split": self.split,
+            "start": self.start,
+            "count": self.count,
+            "num_patches": self.num_patches,
+            "results": rows,
+        }
+
+    def to_markdown(self) -> str:
+        """Accuracy (and retention of the unpruned accuracy) per method and budget, plus a per-kind table."""
+        budgets = sorted({r.keep for r in self.results if r.method is not None}, reverse=True)
+        methods = list(dict.fromkeys(r.method for r in self.results if r.method is not None))
+        reference = self.unpruned
+        header = "| method | " + " | ".join(f"keep {keep}" for keep in budgets) + " |"
+        lines = [
+            f"Shapes VQA, {self.split} split, {self.count} questions; unpruned ({self.num_patches} tokens): "
+            f"**{100 * reference.accuracy:.1f} %**. Cells: accuracy (retention of the unpruned accuracy).",
+            "",
+            header,
+            "|---|" + "---|" * len(budgets),
+        ]
+        for method in methods:
+            cells = []
+            for keep in budgets:
+                result = self.find(method, keep)
+                retention = self.retention(result)
+                kept = "–" if retention is None else f"{100 * retention:.1f} %"
+                cells.append(f"{100 * result.accuracy:.1f} % ({kept})")
+            lines.append(f"| {METHODS[method][0]} | " + " | ".join(cells) + " |")
+        kinds = [kind for kind in QUESTION_KINDS if kind in reference.per_kind]
+        lines += ["", "Accuracy per question kind (%):", "", "| setting | " + " | ".join(kinds) + " |"]
+        lines.append("|---|" + "---|" * len(kinds))
+        for result in self.results:
+            name = result.label if result.method is None else f"{result.label}, keep {result.keep}"
+            cells = [f"{100 * result.per_kind[k][0] / result.per_kind[k][1]:.1f}" for k in kinds]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: Path) -> Path:
+        """Accuracy vs tokens kept, one line per method, the unpruned accuracy as a reference line."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as error:
+            raise ImportError("plotting needs matplotlib: pip install 'flowcut-vlm[plot]'") from error
+        figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+        for method in dict.fromkeys(r.method for r in self.results if r.method is not None):
+            rows = sorted((r for r in self.results if r.method == method), key=lambda r: r.keep)
+            axes.plot([r.keep for r in rows], [100 * r.accuracy for r in rows], marker="o", label=METHODS[method][0])
+        axes.axhline(100 * self.unpruned.accuracy, color="black", linestyle="--", label="unpruned")
+        budgets = sorted({r.keep for r in self.results if r.method is not None})
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(budgets, [str(keep) for keep in budgets])
+        axes.set_xlabel(f"visual tokens kept (of {self.num_patches})")
+        axes.set_ylabel("accuracy (%)")
+        axes.set_title(f"Shapes VQA ({self.split}, {self.count} questions)")
+        axes.grid(alpha=0.3)
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(path)
+        plt.close(figure)
+        return path
+
+    def save(self, directory: Path, plot: bool = True) -> list[Path]:
+        """Write ``eval.json``, ``eval.md`` and (with ``plot``) ``eval.png`` into ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        json_path, markdown_path = directory / "eval.json", directory / "eval.md"
+        json_path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        markdown_path.write_text(self.to_markdown())
+        written = [json_path, markdown_path]
+        if plot:
+            written.append(self.plot(directory / "eval.png"))
+        return written
+
+
+def last_token_logits(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits at each row's last real token, for left or right padding: ``(B,T,V),(B,T) -> (B,V)``."""
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
+    return logits[torch.arange(logits.shape[0]), last]
+
+
+def first_answers(model: torch.nn.Module, processor: Any, batch: Sequence[Sample]) -> list[str]:
+    """The model's first greedy token for each question, decoded."""
+    inputs = processor(
+        text=[build_prompt(processor, sample.question) for sample in batch],
+        images=[sample.image for sample in batch],
+        padding=True,
+        return_tensors="pt",
+    ).to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        logits = model(**inputs).logits
+    tokens = last_token_logits(logits, inputs["attention_mask"]).argmax(-1)
+    return [processor.tokenizer.decode([int(token)]).strip() for token in tokens]
+
+
+def evaluate(
+    model: torch.nn.Module,
+    processor: Any,
+    questions: Sequence[Sample],
+    settings: Sequence[Setting],
+    batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Result]:
+    """Answer every question under every setting; ``on_batch(n)`` is called after each batch of ``n``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    num_patches = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    num_patches *= num_patches
+    results = []
+    for setting in settings:
+        result = Result(setting.method, setting.keep or num_patches, setting.label)
+        # Each pruned setting adapts its own processor copy; the caller's stays untouched.
+        pruned_processor = copy.deepcopy(processor)
+        handle = apply(model, processor=pruned_processor, config=setting.config()) if setting.method else None
+        try:
+            for start in range(0, len(questions), batch_size):
+                batch = questions[start : start + batch_size]
+                answers = first_answers(model, pruned_processor, batch)
+                for sample, answer in zip(batch, answers, strict=True):
+                    tally = result.per_kind.setdefault(sample.kind, [0, 0])
+                    hit = int(answer == sample.answer)
+                    tally[0] += hit
+                    tally[1] += 1
+                    result.correct += hit
+                    result.total += 1
+                if on_batch is not None:
+                    on_batch(len(batch))
+        finally:
+            if handle is not None:
+                handle.remove()
+        results.append(result)
+    return results
