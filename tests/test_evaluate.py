@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import flowcut
 from flowcut.cli import METHODS as CLI_METHODS
 from flowcut.cli import app
-from flowcut.data.shapes import samples
+from flowcut.data.shapes import object_patches, samples
 from flowcut.evaluate import (
     METHODS,
     EvalReport,
@@ -19,11 +19,13 @@ from flowcut.evaluate import (
     Setting,
     evaluate,
     first_answers,
+    information_flow,
     last_token_logits,
     settings_for,
 )
+from flowcut.methods import random_patches
 from flowcut.prompting import build_prompt
-from flowcut.tiny import save_tiny_llava
+from flowcut.tiny import build_tiny_llava, save_tiny_llava
 
 
 def test_settings_unpruned_first_then_methods_by_budget():
@@ -94,12 +96,13 @@ def test_evaluate_counts_every_question_and_restores_model_and_processor(tiny):
 def sample_report() -> EvalReport:
     results = [
         Result(None, 576, "unpruned", 80, 100, {"colour": [40, 50], "count": [40, 50]}),
-        Result("flowcut", 64, "FlowCut", 76, 100, {"colour": [38, 50], "count": [38, 50]}),
+        Result("flowcut", 64, "FlowCut", 76, 100, {"colour": [38, 50], "count": [38, 50]}, 90.0, 100),
         Result("flowcut", 32, "FlowCut", 60, 100, {"colour": [30, 50], "count": [30, 50]}),
         Result("random", 64, "random", 40, 100, {"colour": [20, 50], "count": [20, 50]}),
         Result("random", 32, "random", 20, 100, {"colour": [10, 50], "count": [10, 50]}),
     ]
-    return EvalReport("model", "test", 0, 100, 576, results)
+    flow = {"entropy_ratio": [0.9, 0.5], "object_share": [0.1, 0.62], "object_area": [0.05]}
+    return EvalReport("model", "test", 0, 100, 576, results, flow)
 
 
 def test_report_tables_and_files(tmp_path):
@@ -110,10 +113,15 @@ def test_report_tables_and_files(tmp_path):
     assert "| FlowCut | 76.0 % (95.0 %) | 60.0 % (75.0 %) |" in markdown
     assert "| random | 40.0 % (50.0 %) | 20.0 % (25.0 %) |" in markdown
     assert "| FlowCut, keep 64 | 76.0 | 76.0 |" in markdown
+    assert "| FlowCut | 90.0 | – |" in markdown  # object-patch recall, measured for one setting only
+    assert "(objects cover 5.0 % of patches)" in markdown
+    assert "| entropy ratio | 0.90 | 0.50 |" in markdown and "| object share | 0.10 | 0.62 |" in markdown
     written = report.save(tmp_path)
     assert [path.name for path in written] == ["eval.json", "eval.md", "eval.png"]
     data = json.loads((tmp_path / "eval.json").read_text())
     assert data["results"][1]["retention"] == pytest.approx(0.95)
+    assert data["results"][1]["object_recall"] == pytest.approx(0.9) and data["results"][2]["object_recall"] is None
+    assert data["information_flow"]["object_share"] == [0.1, 0.62]
     assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -136,3 +144,33 @@ def test_cli_eval_on_a_tiny_model(tmp_path):
     assert (output / "eval.png").exists()
     bad = runner.invoke(app, [*arguments[:-2], "--methods", "flowcut,fastv", "--output", str(output)])
     assert bad.exit_code == 2 and "unknown method(s) fastv" in bad.output
+
+
+@pytest.fixture(scope="module")
+def llava_grid_model():
+    """A tiny random model with LLaVA-1.5's 336-px, 24×24 patch geometry (the shapes images' grid)."""
+    return build_tiny_llava(seed=0, image_size=336, patch_size=14, vision_layers=3, vision_hidden=32)
+
+
+def test_object_recall_counts_kept_object_patches(llava_grid_model):
+    model, processor = llava_grid_model
+    questions = list(samples("test", 3))
+    [result] = evaluate(model, processor, questions, [Setting("random", 100)], batch_size=2)
+    expected = []
+    for sample in questions:
+        pixel_values = processor.image_processor(sample.image, return_tensors="pt").pixel_values[0]
+        kept = set(random_patches(pixel_values, 576, 100, 0).tolist())
+        objects = object_patches(sample.objects)
+        expected.append(len(objects & kept) / len(objects))
+    assert result.recall_count == 3 and result.object_recall == pytest.approx(sum(expected) / 3)
+
+
+def test_information_flow_per_layer(llava_grid_model):
+    model, processor = llava_grid_model
+    flow = information_flow(model, processor, list(samples("test", 4)))
+    assert len(flow["entropy_ratio"]) == len(flow["object_share"]) == 3
+    assert all(0 < value <= 1 for value in flow["entropy_ratio"])
+    assert all(0 <= value <= 1 for value in flow["object_share"])
+    assert 0 < flow["object_area"][0] < 0.2
+    # The model's own attention implementation is untouched.
+    assert model.model.vision_tower.config._attn_implementation == "sdpa"

@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
 
 from flowcut.data.shapes import make_conversation
@@ -44,10 +46,15 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 
 
 @pytest.mark.slow
-def test_two_step_training_run_saves_a_loadable_model(tmp_path):
+def test_two_step_training_run_is_reproducible_and_loadable(tmp_path):
     small = ["--vision-layers", "2", "--vision-hidden", "32", "--text-layers", "1", "--text-hidden", "32"]
     steps = ["--stage1-steps", "2", "--stage2-steps", "2", "--warmup-steps", "1"]
-    main(["--output", str(tmp_path), *small, *steps, "--stage1-batch", "2", "--stage2-batch", "2", "--turns", "2"])
+    for run in ("first", "second"):
+        arguments = [*small, *steps, "--stage1-batch", "2", "--stage2-batch", "2", "--turns", "2"]
+        main(["--output", str(tmp_path / run), *arguments])
+    first, second = (load_file(tmp_path / run / "model.safetensors") for run in ("first", "second"))
+    assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+    tmp_path = tmp_path / "first"
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path)
     assert model.config.vision_config.image_size == 336 and model.config.vision_config.num_hidden_layers == 2
     log = json.loads((tmp_path / "training_log.json").read_text())

@@ -15,6 +15,7 @@ from flowcut.data.shapes import (
     ShapeObject,
     make_sample,
     object_patches,
+    patch_labels,
     samples,
 )
 
@@ -76,3 +77,16 @@ def test_objects_are_drawn_in_their_colour():
 def test_object_patches():
     obj = ShapeObject("circle", "red", "small", x=20, y=20)  # spans pixels 8..32 -> patch rows/cols 0..2
     assert object_patches((obj,)) == {r * GRID + c for r in range(3) for c in range(3)}
+
+
+def test_patch_labels_mark_covered_patches_by_object():
+    # A large square at (35, 35) fills pixels 18..52: 10, 14 and 11 of the pixels of patch columns/rows 1, 2, 3.
+    square = ShapeObject("square", "red", "large", x=35, y=35)
+    # A small circle at (300, 300) covers pixels 288..312: patch 20 and 21 only in part.
+    circle = ShapeObject("circle", "blue", "small", x=300, y=300)
+    labels = patch_labels((square, circle))
+    assert labels.shape == (GRID * GRID,)
+    assert set(np.flatnonzero(labels == 1)) == {r * GRID + c for r in (1, 2, 3) for c in (1, 2, 3)}
+    circle_patches = set(np.flatnonzero(labels == 2))
+    assert circle_patches and circle_patches <= object_patches((circle,))
+    assert labels.max() == 2 and (labels == 0).sum() == GRID * GRID - 9 - len(circle_patches)

@@ -226,8 +226,8 @@ def evaluate_command(
     """Accuracy of every method at every budget on the shapes VQA questions, against the unpruned model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from flowcut.data.shapes import SPLIT_SEEDS, samples
-    from flowcut.evaluate import EvalReport, evaluate, settings_for
+    from flowcut.data.shapes import GRID, SPLIT_SEEDS, samples
+    from flowcut.evaluate import EvalReport, evaluate, information_flow, settings_for
 
     if split not in SPLIT_SEEDS:
         _fail(f"unknown split {split!r}; choose from {', '.join(SPLIT_SEEDS)}")
@@ -261,7 +261,10 @@ def evaluate_command(
         except (TypeError, ValueError) as error:
             _fail(str(error))
     vision = loaded_model.config.vision_config
-    report_data = EvalReport(source, split, start, count, (vision.image_size // vision.patch_size) ** 2, results)
+    grid = vision.image_size // vision.patch_size
+    flow = information_flow(loaded_model, processor, questions[:64]) if grid == GRID else None
+    name = model or f"bundled:{Path(source).name}"
+    report_data = EvalReport(name, split, start, count, grid * grid, results, flow)
     written = report_data.save(output, plot=plot)
     report.print(report_data.to_markdown(), markup=False)
     report.print("wrote " + ", ".join(str(path) for path in written))

@@ -18,7 +18,8 @@ import torch
 
 from flowcut.api import apply
 from flowcut.config import FlowCutConfig
-from flowcut.data.shapes import QUESTION_KINDS, Sample
+from flowcut.core.scoring import entropy_ratio
+from flowcut.data.shapes import GRID, QUESTION_KINDS, Sample, object_patches
 from flowcut.prompting import build_prompt
 
 METHODS = {
@@ -74,6 +75,13 @@ class Result:
     total: int = 0
     per_kind: dict[str, list[int]] = field(default_factory=dict)
     """kind → [correct, total]."""
+    recall_sum: float = 0.0
+    recall_count: int = 0
+
+    @property
+    def object_recall(self) -> float | None:
+        """Mean fraction of an image's object patches that survived pruning (None if not measured)."""
+        return self.recall_sum / self.recall_count if self.recall_count else None
 
     @property
     def accuracy(self) -> float:
@@ -91,6 +99,8 @@ class EvalReport:
     count: int
     num_patches: int
     results: list[Result]
+    information_flow: dict[str, list[float]] | None = None
+    """Per encoder layer of the unpruned model (see :func:`information_flow`)."""
 
     @property
     def unpruned(self) -> Result:
@@ -113,6 +123,7 @@ class EvalReport:
             row = asdict(result)
             row["accuracy"] = result.accuracy
             row["retention"] = self.retention(result)
+            row["object_recall"] = result.object_recall
             rows.append(row)
         return {
             "model": self.model,
@@ -121,6 +132,7 @@ class EvalReport:
             "count": self.count,
             "num_patches": self.num_patches,
             "results": rows,
+            "information_flow": self.information_flow,
         }
 
     def to_markdown(self) -> str:
@@ -144,6 +156,27 @@ class EvalReport:
                 kept = "–" if retention is None else f"{100 * retention:.1f} %"
                 cells.append(f"{100 * result.accuracy:.1f} % ({kept})")
             lines.append(f"| {METHODS[method][0]} | " + " | ".join(cells) + " |")
+        if any(self.find(method, keep).object_recall is not None for method in methods for keep in budgets):
+            lines += ["", "Object-patch recall: share of each image's object patches among the kept tokens (%):", ""]
+            lines += [header, "|---|" + "---|" * len(budgets)]
+            for method in methods:
+                recalls = [self.find(method, keep).object_recall for keep in budgets]
+                cells = ["–" if recall is None else f"{100 * recall:.1f}" for recall in recalls]
+                lines.append(f"| {METHODS[method][0]} | " + " | ".join(cells) + " |")
+        if self.information_flow:
+            flow = self.information_flow
+            layers = range(len(flow["entropy_ratio"]))
+            lines += [
+                "",
+                "Information flow in the unpruned encoder, per layer: CLS attention entropy over patches (H / log N) "
+                f"and CLS attention share on object patches (objects cover {100 * flow['object_area'][0]:.1f} % of "
+                "patches):",
+                "",
+                "| layer | " + " | ".join(str(layer) for layer in layers) + " |",
+                "|---|" + "---|" * len(layers),
+                "| entropy ratio | " + " | ".join(f"{value:.2f}" for value in flow["entropy_ratio"]) + " |",
+                "| object share | " + " | ".join(f"{value:.2f}" for value in flow["object_share"]) + " |",
+            ]
         kinds = [kind for kind in QUESTION_KINDS if kind in reference.per_kind]
         lines += ["", "Accuracy per question kind (%):", "", "| setting | " + " | ".join(kinds) + " |"]
         lines.append("|---|" + "---|" * len(kinds))
@@ -224,8 +257,8 @@ def evaluate(
     """Answer every question under every setting; ``on_batch(n)`` is called after each batch of ``n``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    num_patches = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    num_patches *= num_patches
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    num_patches = grid * grid
     results = []
     for setting in settings:
         result = Result(setting.method, setting.keep or num_patches, setting.label)
@@ -243,6 +276,11 @@ def evaluate(
                     tally[1] += 1
                     result.correct += hit
                     result.total += 1
+                if handle is not None and grid == GRID:
+                    for sample, kept in zip(batch, handle.last_trace.kept_indices, strict=True):
+                        objects = object_patches(sample.objects)
+                        result.recall_sum += len(objects.intersection(kept.tolist())) / len(objects)
+                        result.recall_count += 1
                 if on_batch is not None:
                     on_batch(len(batch))
         finally:
@@ -250,3 +288,27 @@ def evaluate(
                 handle.remove()
         results.append(result)
     return results
+
+
+def information_flow(model: torch.nn.Module, processor: Any, questions: Sequence[Sample]) -> dict[str, list[float]]:
+    """How the unpruned encoder's CLS attention evolves with depth on shapes images (24×24 grid only).
+
+    Per layer, averaged over images: the entropy of CLS's head-averaged attention over the patches
+    divided by log N (1 = uniform), and the share of that attention on the objects' patches. FlowCut
+    relies on attention concentrating with depth; these numbers show whether a model does.
+    """
+    tower = copy.deepcopy(model.model.vision_tower).float().eval()
+    tower.config._attn_implementation = "eager"  # the copy only: attention probabilities are needed
+    pixel_values = processor.image_processor([sample.image for sample in questions], return_tensors="pt").pixel_values
+    with torch.inference_mode():
+        attentions = tower(pixel_values.to(model.device), output_attentions=True).attentions
+    masks = torch.zeros(len(questions), GRID * GRID, dtype=torch.bool)
+    for row, sample in enumerate(questions):
+        masks[row, sorted(object_patches(sample.objects))] = True
+    entropy, share = [], []
+    for attention in attentions:
+        to_patches = attention[:, :, 0, 1:].mean(1).float().cpu()
+        probabilities = to_patches / to_patches.sum(-1, keepdim=True)
+        entropy.append(float(entropy_ratio(to_patches).mean()))
+        share.append(float((probabilities * masks).sum(-1).mean()))
+    return {"entropy_ratio": entropy, "object_share": share, "object_area": [float(masks.float().mean())]}

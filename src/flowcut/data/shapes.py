@@ -94,8 +94,9 @@ def _scene(rng: np.random.Generator) -> tuple[ShapeObject, ...]:
     return tuple(objects)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, obj: ShapeObject) -> None:
-    r, fill = obj.radius, COLOURS[obj.colour]
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: ShapeObject, fill: tuple[int, int, int] | int | None = None) -> None:
+    r = obj.radius
+    fill = COLOURS[obj.colour] if fill is None else fill
     if obj.shape == "circle":
         draw.ellipse((obj.x - r, obj.y - r, obj.x + r, obj.y + r), fill=fill)
     elif obj.shape == "square":
@@ -221,3 +222,18 @@ def object_patches(objects: tuple[ShapeObject, ...]) -> set[int]:
             for column in range(max(0, (obj.x - r) // PATCH_SIZE), min(GRID, (obj.x + r) // PATCH_SIZE + 1)):
                 cells.add(row * GRID + column)
     return cells
+
+
+def patch_labels(objects: tuple[ShapeObject, ...], min_cover: float = 0.2) -> np.ndarray:
+    """Per patch (row-major), 1 + the index of the object covering at least ``min_cover`` of it, else 0."""
+    label_image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(label_image)
+    for index, obj in enumerate(objects):
+        _draw_shape(draw, obj, fill=index + 1)
+    pixels = np.asarray(label_image).reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).transpose(0, 2, 1, 3)
+    pixels = pixels.reshape(GRID * GRID, PATCH_SIZE * PATCH_SIZE)
+    labels = np.zeros(GRID * GRID, dtype=np.int64)
+    for index in range(len(objects)):
+        cover = (pixels == index + 1).mean(axis=1)
+        labels[cover >= min_cover] = index + 1
+    return labels
