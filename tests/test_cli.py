@@ -79,3 +79,13 @@ def test_prompt_uses_chat_template():
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("flowcut-vlm ")
+
+
+def test_generate_warns_about_words_the_tokenizer_does_not_know(saved):
+    model, image = saved
+    arguments = ["generate", "--model", str(model), "--image", str(image), "--max-new-tokens", "1"]
+    result = runner.invoke(app, [*arguments, "--prompt", "What colour is the Circle ?"])
+    assert result.exit_code == 0, result.output
+    assert "words this model's tokenizer does not know: Circle, What" in result.output
+    known = runner.invoke(app, [*arguments, "--prompt", "what colour is the circle ?"])
+    assert "does not know" not in known.output
