@@ -61,3 +61,13 @@ def test_two_step_training_run_is_reproducible_and_loadable(tmp_path):
     assert [(entry["stage"], entry["step"]) for entry in log["log"]] == [(1, 2), (2, 2)]
     assert log["recipe"]["stage1_steps"] == 2
     assert not (tmp_path / "vision_stage1.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_training_with_the_auxiliary_patch_loss_reports_patch_accuracy(tmp_path):
+    small = ["--vision-layers", "2", "--vision-hidden", "32", "--text-layers", "1", "--text-hidden", "32"]
+    steps = ["--stage1-steps", "1", "--stage2-steps", "1", "--warmup-steps", "1", "--turns", "2"]
+    batches = ["--stage1-batch", "2", "--stage2-batch", "2"]
+    main(["--output", str(tmp_path), *small, *steps, *batches, "--dense-weight", "1"])
+    stage1 = json.loads((tmp_path / "training_log.json").read_text())["log"][0]
+    assert stage1["stage"] == 1 and 0.0 <= stage1["object_patch_accuracy"] <= 1.0

@@ -29,8 +29,6 @@ METHODS = {
 }
 """Methods ``flowcut eval`` compares: name → (label, :class:`FlowCutConfig` fields)."""
 
-DEFAULT_BUDGETS = (192, 128, 64, 32)
-
 
 @dataclass(frozen=True)
 class Setting:
@@ -263,7 +261,7 @@ def evaluate(
     for setting in settings:
         result = Result(setting.method, setting.keep or num_patches, setting.label)
         # Each pruned setting adapts its own processor copy; the caller's stays untouched.
-        pruned_processor = copy.deepcopy(processor)
+        pruned_processor = copy.deepcopy(processor) if setting.method else processor
         handle = apply(model, processor=pruned_processor, config=setting.config()) if setting.method else None
         try:
             for start in range(0, len(questions), batch_size):

@@ -168,11 +168,16 @@ def _question(objects: tuple[ShapeObject, ...], rng: np.random.Generator) -> tup
     return question, answer, kind
 
 
-def make_sample(split: str, index: int) -> Sample:
-    """Sample ``index`` of ``split`` ("train", "validation" or "test"); the same arguments give the same sample."""
+def _split_rng(split: str, *key: int) -> np.random.Generator:
+    """The random stream of one item of ``split``, keyed by ``key``; unknown splits are an error."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLIT_SEEDS)}")
-    rng = np.random.default_rng([SPLIT_SEEDS[split], index])
+    return np.random.default_rng([SPLIT_SEEDS[split], *key])
+
+
+def make_sample(split: str, index: int) -> Sample:
+    """Sample ``index`` of ``split`` ("train", "validation" or "test"); the same arguments give the same sample."""
+    rng = _split_rng(split, index)
     objects = _scene(rng)
     question, answer, kind = _question(objects, rng)
     return Sample(render(objects, rng), objects, question, answer, kind)
@@ -194,9 +199,7 @@ def make_conversation(split: str, index: int, turns: int) -> Conversation:
     Conversations use their own random streams, so conversation ``i`` and :func:`make_sample` ``i``
     of a split are different scenes.
     """
-    if split not in SPLIT_SEEDS:
-        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLIT_SEEDS)}")
-    rng = np.random.default_rng([SPLIT_SEEDS[split], index, turns])
+    rng = _split_rng(split, index, turns)
     objects = _scene(rng)
     chosen: dict[str, tuple[str, str, str]] = {}
     for _ in range(4 * turns):

@@ -109,7 +109,7 @@ def _learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
 # Batch builders run in a worker process; they are pure functions of their arguments.
 
 
-def _stage1_batch(processor: LlavaProcessor, start: int, size: int) -> dict[str, np.ndarray]:
+def _stage1_batch(processor: LlavaProcessor, start: int, size: int, *, dense: bool) -> dict[str, np.ndarray]:
     batch = [make_sample("train", index) for index in range(start, start + size)]
     pixels = processor.image_processor([sample.image for sample in batch], return_tensors="np")["pixel_values"]
     presence = np.zeros((size, len(PAIRS)), dtype=np.float32)
@@ -117,10 +117,13 @@ def _stage1_batch(processor: LlavaProcessor, start: int, size: int) -> dict[str,
         for obj in sample.objects:
             presence[row, PAIRS.index((obj.colour, obj.shape))] = 1.0
     count = np.array([len(sample.objects) for sample in batch], dtype=np.int64)
-    # Per patch: 0 for background, else 1 + the (colour, shape) pair of the object covering it.
-    pair_of_object = [np.array([0] + [1 + PAIRS.index((o.colour, o.shape)) for o in s.objects]) for s in batch]
-    patches = np.stack([pairs[patch_labels(s.objects)] for pairs, s in zip(pair_of_object, batch, strict=True)])
-    return {"pixel_values": pixels, "presence": presence, "count": count, "patch_pairs": patches}
+    batch_arrays = {"pixel_values": pixels, "presence": presence, "count": count}
+    if dense:
+        # Per patch: 0 for background, else 1 + the (colour, shape) pair of the object covering it.
+        pair_of_object = [np.array([0] + [1 + PAIRS.index((o.colour, o.shape)) for o in s.objects]) for s in batch]
+        patches = np.stack([pairs[patch_labels(s.objects)] for pairs, s in zip(pair_of_object, batch, strict=True)])
+        batch_arrays["patch_pairs"] = patches
+    return batch_arrays
 
 
 def conversation_text(turns: tuple[tuple[str, str, str], ...]) -> str:
@@ -176,13 +179,16 @@ def train_vision(model: LlavaForConditionalGeneration, processor: LlavaProcessor
     """Stage 1: CLS attribute prediction trains ``model.model.vision_tower`` in place."""
     tower = model.model.vision_tower
     head = torch.nn.Linear(tower.config.hidden_size, len(PAIRS) + len(COUNT_WORDS))
-    patch_head = torch.nn.Linear(tower.config.hidden_size, 1 + len(PAIRS))
-    parameters = [*tower.parameters(), *head.parameters(), *patch_head.parameters()]
+    parameters = [*tower.parameters(), *head.parameters()]
+    if recipe.dense_weight:
+        patch_head = torch.nn.Linear(tower.config.hidden_size, 1 + len(PAIRS))
+        parameters += list(patch_head.parameters())
     # Object patches are ~5 % of the grid; weigh them up so the background class does not dominate.
     patch_class_weight = torch.tensor([0.2] + [1.0] * len(PAIRS))
     optimizer = _optimizer(parameters, recipe, recipe.stage1_lr)
     started = time.time()
-    for step, batch in enumerate(_batches(partial(_stage1_batch, processor), recipe.stage1_steps, recipe.stage1_batch)):
+    build = partial(_stage1_batch, processor, dense=bool(recipe.dense_weight))
+    for step, batch in enumerate(_batches(build, recipe.stage1_steps, recipe.stage1_batch)):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, recipe.stage1_steps, recipe.stage1_lr, recipe.warmup_steps)
         output = tower(pixel_values=batch["pixel_values"], output_hidden_states=bool(recipe.dense_weight))
