@@ -54,6 +54,29 @@ def test_generate_rejects_bad_keep(saved):
     assert "keep must be at least 1" in result.output
 
 
+@pytest.mark.parametrize(("method", "kept"), [("visionzip", "16 of 144"), ("none", "144 of 144")])
+def test_generate_runs_any_registered_method(saved, method, kept):
+    model, image = saved
+    arguments = ["generate", "--model", str(model), "--image", str(image), "--prompt", "x", "--keep", "16"]
+    result = runner.invoke(app, [*arguments, "--method", method, "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"tokens kept: {kept} per image" in result.output
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--method", "fastvv"], "unknown method 'fastvv'; available: flowcut, divprune"),
+        (["--method", "pool", "--counts", "uniform"], "counts='uniform' is a FlowCut setting"),
+    ],
+)
+def test_generate_rejects_bad_method_options(saved, options, message):
+    model, image = saved
+    arguments = ["generate", "--model", str(model), "--image", str(image), "--prompt", "x"]
+    result = runner.invoke(app, [*arguments, *options])
+    assert result.exit_code == 2 and message in result.output
+
+
 def test_generate_missing_image(saved, tmp_path):
     model, _ = saved
     result = runner.invoke(

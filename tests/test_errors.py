@@ -43,7 +43,9 @@ def test_unsupported_model_names_supported_classes():
 
 
 def test_unknown_method(tiny):
-    with pytest.raises(ValueError, match="unknown method 'fastvv'; available: flowcut, random"):
+    with pytest.raises(
+        ValueError, match="unknown method 'fastvv'; available: flowcut, divprune, none, pool, random, visionzip"
+    ):
         flowcut.apply(tiny[0], keep=8, method="fastvv")
 
 

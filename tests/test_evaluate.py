@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 import flowcut
-from flowcut.cli import METHODS as CLI_METHODS
+from flowcut.cli import DEFAULT_METHODS as CLI_METHODS
 from flowcut.cli import app
 from flowcut.data.shapes import object_patches, samples
 from flowcut.evaluate import (
@@ -23,7 +23,7 @@ from flowcut.evaluate import (
     last_token_logits,
     settings_for,
 )
-from flowcut.methods import random_patches
+from flowcut.methods.random_sample import random_patches
 from flowcut.prompting import build_prompt
 from flowcut.tiny import build_tiny_llava, save_tiny_llava
 
@@ -39,13 +39,15 @@ def test_settings_unpruned_first_then_methods_by_budget():
     ]
     assert settings[3].config() == flowcut.FlowCutConfig(keep=192, method="random")
     assert settings_for(["one-shot"], [8])[1].config().schedule == "one_shot"
-    assert list(METHODS) == list(CLI_METHODS)
+    assert set(CLI_METHODS) <= set(METHODS)
+    for name in METHODS:
+        assert Setting(name, 32).config().keep == 32  # every evaluated method is a valid configuration
 
 
 @pytest.mark.parametrize(
     ("methods", "budgets", "message"),
     [
-        (["flowcut", "fastv"], [64], "unknown method\\(s\\) fastv; available: flowcut, one-shot, random"),
+        (["flowcut", "fastv"], [64], "unknown method\\(s\\) fastv; available: flowcut, one-shot, uniform-counts"),
         (["flowcut"], [], "at least one budget"),
         (["flowcut"], [0], "keep must be at least 1"),
     ],

@@ -76,22 +76,44 @@ def test_one_shot_differs_from_progressive(tiny, images):
         assert kept_after(model, batch, one_shot) != progressive_kept
 
 
-def test_one_shot_and_random_keep_prompts_and_generation_working(tiny, images):
+def test_uniform_counts_prune_in_equal_steps(tiny, images):
     model, processor = tiny
-    for options in ({"method": "random"}, {"schedule": "one_shot"}):
-        with flowcut.apply(model, processor=processor, keep=KEEP, **options):
-            inputs = processor(images=images[0], text="USER: <image>\nwhat ? ASSISTANT:", return_tensors="pt")
-            assert int((inputs.input_ids == model.config.image_token_id).sum()) == KEEP
-            with torch.no_grad():
-                output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-            assert output.shape[1] == inputs.input_ids.shape[1] + 3
+    handle = flowcut.apply(model, keep=KEEP, counts="uniform")
+    kept_after(model, pixels(processor, images), handle)
+    # F = 5, interval 2: prunes after layers 1, 3, 5; 128 above keep -> 43, 42 (42.5, half to even), 43.
+    for trace in handle.last_trace.images:
+        assert trace.prune_layers == [1, 3, 5]
+        assert trace.tokens_per_layer == [144, 144, 101, 101, 59, 59, 16]
+
+
+def test_relation_only_scores_by_cls_attention_alone(tiny, images):
+    model, processor = tiny
+    handle = flowcut.apply(model, keep=KEEP, criteria="relation", record_scores=True)
+    kept_after(model, pixels(processor, images), handle)
+    for trace in handle.last_trace.images:
+        first = trace.prune_layers[0]
+        relation = trace.scores["relation"][first]
+        assert torch.allclose(trace.scores["score"][first], relation / relation.sum(), atol=1e-6)
+
+
+def test_ema_weight_zero_turns_the_cumulative_score_off(tiny, images):
+    model, processor = tiny
+    handle = flowcut.apply(model, keep=KEEP, ema_weight=0.0, record_scores=True)
+    kept_after(model, pixels(processor, images), handle)
+    for trace in handle.last_trace.images:
+        for layer in trace.prune_layers[1:]:
+            cumulative, score = trace.scores["cumulative"][layer], trace.scores["score"][layer]
+            torch.testing.assert_close(cumulative, score, rtol=0, atol=0, equal_nan=True)  # NaN: pruned
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         ({"schedule": "twice"}, "unknown schedule 'twice'; available: progressive, one_shot"),
-        ({"method": "random", "schedule": "one_shot"}, "is a FlowCut ablation; it does not apply to 'random'"),
+        (
+            {"method": "random", "schedule": "one_shot"},
+            "schedule='one_shot' is a FlowCut setting; it does not apply to 'random'",
+        ),
     ],
 )
 def test_schedule_errors(options, message):

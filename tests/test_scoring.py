@@ -15,6 +15,7 @@ from flowcut.core.scoring import (
     prune_count,
     row_attention,
     select_kept,
+    uniform_prune_count,
     update_cumulative,
     value_l1_norm,
 )
@@ -119,6 +120,21 @@ def test_prune_count():
     assert prune_count(71, 64, 4, 0.0) == 4
     # Never below keep.
     assert prune_count(70, 64, 1, 0.0) == 6
+
+
+def test_uniform_prune_count_takes_equal_steps():
+    # L = 4 with interval 2: this step and the steps at L = 2 and L = 0 remain; 512 / 3 = 170.67 -> 171.
+    assert uniform_prune_count(576, 64, 4, 2) == 171
+    assert uniform_prune_count(405, 64, 2, 2) == 170  # 341 / 2 = 170.5 -> 170 (half to even)
+    assert uniform_prune_count(235, 64, 0, 2) == 171  # the last step removes the rest
+    assert uniform_prune_count(64, 64, 4, 2) == 0
+
+
+def test_relation_only_score_is_the_normalised_cls_attention():
+    query, key, value = three_token_case()
+    criteria = cls_criteria(query, key, value, scaling=1.0)
+    score = layer_score(criteria, relation_only=True)
+    assert score[0].tolist() == pytest.approx([sigmoid(-1), sigmoid(1)], abs=1e-12)
 
 
 def test_select_kept_is_sorted_topk():

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from flowcut.data.shapes import (
     COLOURS,
@@ -14,6 +17,7 @@ from flowcut.data.shapes import (
     VOCABULARY,
     ShapeObject,
     make_sample,
+    make_scene,
     object_patches,
     patch_labels,
     samples,
@@ -29,6 +33,20 @@ def test_deterministic_and_split_specific():
     assert not np.array_equal(np.asarray(first.image), np.asarray(train.image))
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         make_sample("dev", 0)
+
+
+def test_samples_are_stable_across_versions():
+    # The README example image is test sample 1; published numbers assume the generator never drifts.
+    example = Image.open(Path(__file__).parents[1] / "examples" / "shapes.png").convert("RGB")
+    assert np.array_equal(np.asarray(make_sample("test", 1).image), np.asarray(example))
+
+
+def test_small_scenes_fit_their_image():
+    image, objects = make_scene("train", 11, 112, 2)
+    again, same_objects = make_scene("train", 11, 112, 2)
+    assert image.size == (112, 112) and objects == same_objects and image.tobytes() == again.tobytes()
+    assert 1 <= len(objects) <= 2
+    assert all(o.radius <= o.x <= 112 - o.radius and o.radius <= o.y <= 112 - o.radius for o in objects)
 
 
 def _answer_from_objects(sample) -> str:

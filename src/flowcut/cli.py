@@ -9,6 +9,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from flowcut.config import COUNTS, CRITERIA, METHODS, SCHEDULES, FlowCutConfig
+from flowcut.evaluate import DEFAULT_METHODS
+from flowcut.evaluate import METHODS as EVALUATED_METHODS
 from flowcut.prompting import build_prompt
 
 app = typer.Typer(help="FlowCut visual-token pruning for vision-language models.", no_args_is_help=True)
@@ -85,7 +88,7 @@ def load_model(model_name: str, device: str, dtype_name: str) -> tuple[Any, Any]
     return model.to(device).eval(), processor
 
 
-METHODS = ("flowcut", "one-shot", "random")
+EVAL_METHODS_HELP = f"Comma-separated, from: {', '.join(EVALUATED_METHODS)}."
 MODEL_HELP = "Local model directory or Hugging Face Hub id (default: the bundled shapes-VQA reference model)."
 
 
@@ -133,13 +136,20 @@ def generate(
     prompt: Annotated[str, typer.Option(help="Question about the image.")],
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     keep: Annotated[int, typer.Option(help="Visual tokens per image that reach the language model.")] = 64,
+    method: Annotated[str, typer.Option(help=f"Pruning method: {', '.join(METHODS)}.")] = "flowcut",
+    schedule: Annotated[str, typer.Option(help=f"FlowCut ablation: {', '.join(SCHEDULES)}.")] = "progressive",
+    counts: Annotated[str, typer.Option(help=f"FlowCut ablation: {', '.join(COUNTS)}.")] = "adaptive",
+    criteria: Annotated[str, typer.Option(help=f"FlowCut ablation: {', '.join(CRITERIA)}.")] = "all",
+    ema_weight: Annotated[float, typer.Option(help="FlowCut: weight of the previous cumulative score.")] = 0.5,
+    prune_interval: Annotated[int, typer.Option(help="FlowCut: prune every this many layers.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of --method random.")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 32,
     device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda', 'cuda:1', …")] = "auto",
     dtype: Annotated[
         str, typer.Option(help="'auto' (float16 on GPU, float32 on CPU), float32, float16, bfloat16.")
     ] = "auto",
 ) -> None:
-    """Answer PROMPT about IMAGE with FlowCut keeping KEEP visual tokens per image."""
+    """Answer PROMPT about IMAGE with METHOD (FlowCut by default) keeping KEEP visual tokens per image."""
     import torch
     from PIL import Image, UnidentifiedImageError
 
@@ -153,7 +163,16 @@ def generate(
         _fail(f"cannot read image {image}: {error}")
     device, dtype = _resolve_device_dtype(device, dtype)
     try:
-        flowcut.FlowCutConfig(keep=keep)
+        config = FlowCutConfig(
+            keep=keep,
+            method=method,
+            schedule=schedule,
+            counts=counts,
+            criteria=criteria,
+            ema_weight=ema_weight,
+            prune_interval=prune_interval,
+            seed=seed,
+        )
     except (TypeError, ValueError) as error:
         _fail(str(error))
 
@@ -162,7 +181,7 @@ def generate(
     if unknown:
         console.print(f"[yellow]warning:[/yellow] words this model's tokenizer does not know: {', '.join(unknown)}")
     try:
-        handle = flowcut.apply(loaded_model, processor=processor, keep=keep)
+        handle = flowcut.apply(loaded_model, processor=processor, config=config)
     except (TypeError, ValueError) as error:
         _fail(str(error))
     inputs = processor(images=picture, text=build_prompt(processor, prompt), return_tensors="pt").to(device)
@@ -210,7 +229,7 @@ def _int_list(text: str, name: str) -> list[int]:
 @app.command("eval")
 def evaluate_command(
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated: flowcut, one-shot, random.")] = ",".join(METHODS),
+    methods: Annotated[str, typer.Option(help=EVAL_METHODS_HELP)] = ",".join(DEFAULT_METHODS),
     budgets: Annotated[str, typer.Option(help="Comma-separated visual-token budgets per image.")] = "192,128,64,32",
     split: Annotated[str, typer.Option(help="Shapes VQA split: test, validation or train.")] = "test",
     count: Annotated[int, typer.Option(help="Number of questions.")] = 2000,

@@ -8,11 +8,27 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-METHODS = ("flowcut", "random")
-"""Methods available through :func:`flowcut.apply`: FlowCut, and a seeded uniform sample of patches (the floor)."""
+from flowcut.methods import get_method, method_names
+
+METHODS = method_names()
+"""Methods available through :func:`flowcut.apply` (see :mod:`flowcut.methods`)."""
 
 SCHEDULES = ("progressive", "one_shot")
 """FlowCut's pruning schedule: SPEC §2's progressive pruning, or the paper's single-layer one-shot ablation."""
+
+COUNTS = ("adaptive", "uniform")
+"""How many patches a FlowCut prune step removes: SPEC §2's entropy-adaptive count, or equal steps (ablation)."""
+
+CRITERIA = ("all", "relation")
+"""FlowCut's patch score: SPEC §2's three criteria, or CLS attention alone (ablation: multi-criteria off)."""
+
+_FLOWCUT_ONLY = {
+    "schedule": "progressive",
+    "counts": "adaptive",
+    "criteria": "all",
+    "prune_interval": 2,
+    "ema_weight": 0.5,
+}
 
 CONFIG_NAME = "flowcut_config.json"
 
@@ -41,24 +57,34 @@ class FlowCutConfig:
     prune_interval: int = 2
     """Prune every this many layers, counted back from the final prune (SPEC §2: 2)."""
     ema_weight: float = 0.5
-    """Weight of the previous cumulative score: ``C = w·C + (1 − w)·S`` (SPEC §2: 0.5)."""
+    """Weight of the previous cumulative score: ``C = w·C + (1 − w)·S`` (SPEC §2: 0.5).
+
+    0 turns the cumulative score off (each layer prunes by its own score; ablation)."""
     record_scores: bool = False
     """Keep every layer's criteria maps in the trace (for visualisation; costs a copy per layer)."""
     schedule: str = "progressive"
     """``"one_shot"``: score one layer (the last before the features) and prune to ``keep`` there (ablation)."""
     seed: int = 0
     """Seed of ``method="random"``; each image's sample also depends on its pixels, not on its batch."""
+    counts: str = "adaptive"
+    """``"uniform"``: equal prune steps instead of entropy-adaptive counts (ablation)."""
+    criteria: str = "all"
+    """``"relation"``: score patches by CLS attention alone (ablation: multi-criteria off)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", validate_keep(self.keep))
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+        get_method(self.method)  # unknown names are an error listing the known ones
         if isinstance(self.prune_interval, bool) or not isinstance(self.prune_interval, int) or self.prune_interval < 1:
             raise ValueError(f"prune_interval must be a positive integer, got {self.prune_interval!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; available: {', '.join(SCHEDULES)}")
-        if self.schedule != "progressive" and self.method != "flowcut":
-            raise ValueError(f"schedule={self.schedule!r} is a FlowCut ablation; it does not apply to {self.method!r}")
+        for name, choices in (("schedule", SCHEDULES), ("counts", COUNTS), ("criteria", CRITERIA)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; available: {', '.join(choices)}")
+        if self.method != "flowcut":
+            for name, default in _FLOWCUT_ONLY.items():
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} is a FlowCut setting; it does not apply to {self.method!r}"
+                    )
         if not 0.0 <= self.ema_weight < 1.0:
             raise ValueError(f"ema_weight must be in [0, 1), got {self.ema_weight!r}")
 

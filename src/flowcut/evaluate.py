@@ -25,9 +25,18 @@ from flowcut.prompting import build_prompt
 METHODS = {
     "flowcut": ("FlowCut", {"method": "flowcut"}),
     "one-shot": ("FlowCut one-shot (single layer)", {"method": "flowcut", "schedule": "one_shot"}),
+    "uniform-counts": ("FlowCut, uniform counts", {"method": "flowcut", "counts": "uniform"}),
+    "relation-only": ("FlowCut, CLS attention only", {"method": "flowcut", "criteria": "relation"}),
+    "no-cumulative": ("FlowCut, no cumulative score", {"method": "flowcut", "ema_weight": 0.0}),
+    "visionzip": ("VisionZip", {"method": "visionzip"}),
+    "divprune": ("DivPrune", {"method": "divprune"}),
+    "pool": ("pool", {"method": "pool"}),
     "random": ("random", {"method": "random"}),
 }
-"""Methods ``flowcut eval`` compares: name → (label, :class:`FlowCutConfig` fields)."""
+"""Methods ``flowcut eval`` compares: name → (label, :class:`FlowCutConfig` fields); the paper's ablations included."""
+
+DEFAULT_METHODS = ("flowcut", "one-shot", "visionzip", "divprune", "pool", "random")
+"""What ``flowcut eval`` compares unless told otherwise: FlowCut, its one-shot ablation, the baselines, the floors."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from flowcut.adapters.clip import ClipEncoderAdapter
 from flowcut.config import FlowCutConfig
 from flowcut.core.encoder_stage import ImageTrace
-from flowcut.methods import run_encoder_method
+from flowcut.methods import EncoderCall, get_method
 from flowcut.trace import PruningTrace
 
 
@@ -64,6 +64,7 @@ class LlavaFamily:
         self.base = model.model
         self.encoder = ClipEncoderAdapter(self.base.vision_tower)
         model_config = model.config
+        self.method = get_method(config.method)
         self.default_feature_layer = feature_layer_index(model_config.vision_feature_layer, self.encoder.num_layers)
         check_select_strategy(model_config.vision_feature_select_strategy)
         self.image_token_id = model_config.image_token_id
@@ -73,7 +74,7 @@ class LlavaFamily:
     @property
     def tokens_per_image(self) -> int:
         """Visual tokens per image that reach the language model."""
-        return min(self.config.keep, self.encoder.num_patches)
+        return self.method.tokens_per_image(self.config.keep, self.encoder.num_patches)
 
     @property
     def stock_tokens_per_image(self) -> int:
@@ -138,7 +139,7 @@ class LlavaFamily:
             raise ValueError("FlowCut's LLaVA-1.5 path takes fixed-size images; image_sizes is not supported")
         batch_size = pixel_values.shape[0]
 
-        if self.config.keep >= self.encoder.num_patches:
+        if self.tokens_per_image >= self.encoder.num_patches:
             # Documented no-op: the stock path, bit for bit.
             output = stock(
                 pixel_values=pixel_values,
@@ -153,14 +154,23 @@ class LlavaFamily:
                 )
                 for _ in range(batch_size)
             ]
-            self.on_trace(PruningTrace(images, self.encoder.grid_size, self.config.keep, feature_layer))
+            self.on_trace(PruningTrace(images, self.encoder.grid_size, self.tokens_per_image, feature_layer))
             return output
 
+        call = EncoderCall(
+            self.config,
+            self.encoder,
+            pixel_values,
+            feature_layer,
+            self.encoder.grid_size,
+            self.base.multi_modal_projector,
+        )
         with self.encoder.session():
-            stage = run_encoder_method(self.config, self.encoder, pixel_values, feature_layer)
-        projected = self.base.multi_modal_projector(stage.hidden_states[:, 1:])
-        self.on_trace(PruningTrace(stage.images, self.encoder.grid_size, self.config.keep, feature_layer))
-        output = BaseModelOutputWithPooling(last_hidden_state=stage.hidden_states, pooler_output=list(projected))
+            selected = self.method.run(call)
+        self.on_trace(PruningTrace(selected.images, self.encoder.grid_size, self.tokens_per_image, feature_layer))
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=selected.hidden_states, pooler_output=list(selected.features)
+        )
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
     def _check_placeholders(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:

@@ -12,7 +12,6 @@ so an image keeps the same tokens alone or in any batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,6 +24,7 @@ from flowcut.core.scoring import (
     layer_score,
     prune_count,
     select_kept,
+    uniform_prune_count,
     update_cumulative,
 )
 
@@ -41,6 +41,10 @@ class EncoderStageSettings:
     record_scores: bool = False
     one_shot: bool = False
     """Ablation: score only the last layer before the features and prune to ``keep`` there, by that layer alone."""
+    uniform_counts: bool = False
+    """Ablation: equal prune steps instead of SPEC §2's entropy-adaptive counts."""
+    relation_only: bool = False
+    """Ablation: score patches by CLS attention alone (multi-criteria off)."""
 
     @property
     def last_prune_layer(self) -> int:
@@ -192,7 +196,7 @@ def run_encoder_stage(
 
         patch_alive = alive[:, 1:] if alive is not None else None
         criteria = adapter.criteria(recorder.take(), alive)
-        score = layer_score(criteria, patch_alive)
+        score = layer_score(criteria, patch_alive, settings.relation_only)
         cumulative = update_cumulative(cumulative, score, settings.ema_weight)
         ratios = entropy_ratio(criteria.relation, patch_alive)
         for b, trace in enumerate(traces):
@@ -217,7 +221,11 @@ def run_encoder_stage(
         remaining = settings.last_prune_layer - index
         if not is_prune_layer(remaining, settings.prune_interval):
             continue
-        new_counts = [count - prune_count(count, keep, remaining, ratios[b]) for b, count in enumerate(counts)]
+        if settings.uniform_counts:
+            removed = [uniform_prune_count(count, keep, remaining, settings.prune_interval) for count in counts]
+        else:
+            removed = [prune_count(count, keep, remaining, ratios[b]) for b, count in enumerate(counts)]
+        new_counts = [count - gone for count, gone in zip(counts, removed, strict=True)]
         if new_counts == counts:
             continue
         kept_slots = [
@@ -232,32 +240,6 @@ def run_encoder_stage(
 
     for b, trace in enumerate(traces):
         trace.kept_indices = positions[b, : counts[b]].cpu()
-    return EncoderStageOutput(hidden_states=hidden_states, images=traces)
-
-
-def run_encoder_then_select(
-    adapter: VisionEncoderAdapter,
-    pixel_values: torch.Tensor,
-    feature_layer: int,
-    choose: Callable[[torch.Tensor, int], torch.Tensor],
-) -> EncoderStageOutput:
-    """Run the encoder unpruned up to the feature layer, then keep the patches ``choose`` picks per image.
-
-    ``choose`` maps one image's pixel values and the patch count to its kept patch indices (any
-    order); they are sorted.
-    For selection rules that read no attention (e.g. random sampling).
-    """
-    hidden_states = adapter.embed(pixel_values)
-    num_patches = hidden_states.shape[1] - 1
-    for index in range(feature_layer + 1):
-        hidden_states = adapter.run_layer(index, hidden_states, None, None)
-    kept = [choose(image, num_patches).sort().values.to(hidden_states.device) for image in pixel_values]
-    selected = torch.stack([states[1 + indices] for states, indices in zip(hidden_states, kept, strict=True)])
-    hidden_states = torch.cat([hidden_states[:, :1], selected], dim=1)
-    traces = [
-        ImageTrace(indices.cpu(), [num_patches] * (feature_layer + 1), [feature_layer], [None] * (feature_layer + 1))
-        for indices in kept
-    ]
     return EncoderStageOutput(hidden_states=hidden_states, images=traces)
 
 

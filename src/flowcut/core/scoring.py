@@ -73,11 +73,18 @@ def _masked_normalise(score: torch.Tensor, patch_alive: torch.Tensor | None) -> 
     return score / score.sum(dim=-1, keepdim=True)
 
 
-def layer_score(criteria: CriteriaScores, patch_alive: torch.Tensor | None = None) -> torch.Tensor:
-    """``S = (a/Σa + s/Σs) · n`` per patch; padded patches score 0."""
-    score = (
-        _masked_normalise(criteria.relation, patch_alive) + _masked_normalise(criteria.semantic, patch_alive)
-    ) * criteria.density
+def layer_score(
+    criteria: CriteriaScores, patch_alive: torch.Tensor | None = None, relation_only: bool = False
+) -> torch.Tensor:
+    """``S = (a/Σa + s/Σs) · n`` per patch; padded patches score 0.
+
+    ``relation_only`` (ablation: multi-criteria off) scores by the CLS attention alone, ``S = a/Σa``.
+    """
+    relation = _masked_normalise(criteria.relation, patch_alive)
+    if relation_only:
+        score = relation
+    else:
+        score = (relation + _masked_normalise(criteria.semantic, patch_alive)) * criteria.density
     if patch_alive is not None:
         score = score.masked_fill(~patch_alive, 0.0)
     return score
@@ -122,6 +129,18 @@ def prune_count(alive: int, keep: int, remaining_layers: int, entropy_ratio_valu
     ratio = torch.as_tensor(entropy_ratio_value)
     raw = (alive - keep) / math.sqrt(remaining_layers) * (1 - ratio**2)
     return min(int(raw.round().item()), alive - keep)
+
+
+def uniform_prune_count(alive: int, keep: int, remaining_layers: int, interval: int = 2) -> int:
+    """Ablation of the entropy-adaptive count: equal steps from ``alive`` down to ``keep``.
+
+    The prune steps left (this one included) are ``L // interval + 1``; each removes an equal share
+    of what is above ``keep`` (half-to-even rounding), and the final step (L = 0) removes the rest.
+    """
+    if alive <= keep:
+        return 0
+    steps_left = remaining_layers // interval + 1
+    return min(int(torch.tensor((alive - keep) / steps_left).round().item()), alive - keep)
 
 
 def select_kept(cumulative: torch.Tensor, count: int) -> torch.Tensor:

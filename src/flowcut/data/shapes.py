@@ -76,9 +76,9 @@ class Sample:
     kind: str
 
 
-def _scene(rng: np.random.Generator) -> tuple[ShapeObject, ...]:
-    """1–4 objects with distinct (colour, shape) pairs that do not overlap."""
-    count = int(rng.integers(1, 5))
+def _scene(rng: np.random.Generator, image_size: int = IMAGE_SIZE, max_objects: int = 4) -> tuple[ShapeObject, ...]:
+    """1–``max_objects`` objects with distinct (colour, shape) pairs that do not overlap."""
+    count = int(rng.integers(1, max_objects + 1))
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
     chosen = rng.choice(len(pairs), size=count, replace=False)
     objects: list[ShapeObject] = []
@@ -87,7 +87,7 @@ def _scene(rng: np.random.Generator) -> tuple[ShapeObject, ...]:
         size = str(rng.choice(list(SIZES)))
         radius = SIZES[size]
         for _ in range(200):
-            x, y = (int(v) for v in rng.integers(radius + 4, IMAGE_SIZE - radius - 4, size=2))
+            x, y = (int(v) for v in rng.integers(radius + 4, image_size - radius - 4, size=2))
             if all(math.hypot(x - o.x, y - o.y) > radius + o.radius + 10 for o in objects):
                 objects.append(ShapeObject(shape, colour, size, x, y))
                 break
@@ -108,20 +108,20 @@ def _draw_shape(draw: ImageDraw.ImageDraw, obj: ShapeObject, fill: tuple[int, in
         )
 
 
-def render(objects: tuple[ShapeObject, ...], rng: np.random.Generator) -> Image.Image:
+def render(objects: tuple[ShapeObject, ...], rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> Image.Image:
     """Draw the objects on a cluttered grey background (noise, lines and blobs without colour)."""
     base = rng.integers(70, 150)
-    noise = rng.normal(0, 18, size=(IMAGE_SIZE, IMAGE_SIZE, 1)).repeat(3, axis=2)
+    noise = rng.normal(0, 18, size=(image_size, image_size, 1)).repeat(3, axis=2)
     pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(6, 14))):
         grey = int(rng.integers(30, 220))
-        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, IMAGE_SIZE, size=4))
+        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, image_size, size=4))
         draw.line((x0, y0, x1, y1), fill=(grey, grey, grey), width=int(rng.integers(1, 4)))
     for _ in range(int(rng.integers(4, 10))):
         grey = int(rng.integers(30, 220))
-        x, y = (int(v) for v in rng.integers(0, IMAGE_SIZE, size=2))
+        x, y = (int(v) for v in rng.integers(0, image_size, size=2))
         r = int(rng.integers(3, 9))
         draw.ellipse((x - r, y - r, x + r, y + r), fill=(grey, grey, grey))
     for obj in objects:
@@ -181,6 +181,18 @@ def make_sample(split: str, index: int) -> Sample:
     objects = _scene(rng)
     question, answer, kind = _question(objects, rng)
     return Sample(render(objects, rng), objects, question, answer, kind)
+
+
+def make_scene(
+    split: str, index: int, image_size: int = IMAGE_SIZE, max_objects: int = 4
+) -> tuple[Image.Image, tuple[ShapeObject, ...]]:
+    """Scene ``index`` of ``split`` without a question, optionally smaller (vision pre-training at low resolution).
+
+    Scenes use their own random streams, apart from samples' and conversations'.
+    """
+    rng = _split_rng(split, index, image_size, max_objects)
+    objects = _scene(rng, image_size, max_objects)
+    return render(objects, rng, image_size), objects
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """Train the bundled reference model on the shapes VQA data, in two stages, like LLaVA-1.5.
 
-Stage 1 (vision pre-training): the CLIP-style encoder learns through its CLS token: a linear
-head on the pooled CLS output predicts which (colour, shape) pairs the image holds and how many
-objects there are, so the encoder has to route object information to CLS through attention,
-which is the information flow FlowCut reads. An optional auxiliary per-patch head on the feature
-layer (``dense_weight`` > 0, off for the bundled model) names the object under each patch, to
-teach the small encoder local semantics faster than CLS supervision alone does.
+Stage 1 (vision pre-training): the CLIP-style encoder learns through its CLS token only: a
+linear head on the pooled CLS output describes the scene (which (colour, shape) pairs, colours and
+shapes it holds, how many objects, and where and how big each present pair is), so the encoder
+has to route object information to CLS through attention, which is the information flow FlowCut
+reads. Stage 1a runs on small scenes at low resolution (cheap steps, where local shape features
+are learned), stage 1b on full-size scenes.
 
 Stage 2 (visual instruction tuning): the encoder is frozen; the projector and a small Llama learn
 to answer multi-turn conversations about each image, with the loss on the answers only. The
@@ -38,14 +38,16 @@ from flowcut.data.shapes import (
     IMAGE_SIZE,
     PATCH_SIZE,
     SHAPES,
+    SIZES,
+    ShapeObject,
     make_conversation,
-    make_sample,
-    patch_labels,
+    make_scene,
 )
 from flowcut.tiny import build_tiny_llava
 
 PAIRS = [(colour, shape) for colour in COLOURS for shape in SHAPES]
-"""Stage-1 presence targets: one logit per (colour, shape) pair."""
+"""Stage-1 targets are per (colour, shape) pair: present?, where, small or large."""
+COLOUR_NAMES, SIZE_NAMES = list(COLOURS), list(SIZES)
 
 
 @dataclass(frozen=True)
@@ -61,16 +63,19 @@ class Recipe:
     text_hidden: int = 128
     text_heads: int = 4
     text_intermediate: int = 384
-    stage1_steps: int = 800
+    pretrain_steps: int = 3000
+    """Stage 1a: steps on small scenes (low resolution, interpolated position embeddings)."""
+    pretrain_size: int = 112
+    pretrain_objects: int = 1
+    stage1_steps: int = 300
+    """Stage 1b: steps on full-size scenes."""
     stage1_batch: int = 32
     stage1_lr: float = 1e-3
     stage2_steps: int = 700
     stage2_batch: int = 32
     stage2_lr: float = 1e-3
-    turns: int = 6
+    turns: int = 8
     """Questions per training conversation."""
-    dense_weight: float = 0.0
-    """Weight of an auxiliary stage-1 per-patch object loss; 0 (the bundled model) trains through CLS alone."""
     warmup_steps: int = 100
     weight_decay: float = 0.05
     threads: int = 2
@@ -109,21 +114,30 @@ def _learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
 # Batch builders run in a worker process; they are pure functions of their arguments.
 
 
-def _stage1_batch(processor: LlavaProcessor, start: int, size: int, *, dense: bool) -> dict[str, np.ndarray]:
-    batch = [make_sample("train", index) for index in range(start, start + size)]
-    pixels = processor.image_processor([sample.image for sample in batch], return_tensors="np")["pixel_values"]
-    presence = np.zeros((size, len(PAIRS)), dtype=np.float32)
-    for row, sample in enumerate(batch):
-        for obj in sample.objects:
-            presence[row, PAIRS.index((obj.colour, obj.shape))] = 1.0
-    count = np.array([len(sample.objects) for sample in batch], dtype=np.int64)
-    batch_arrays = {"pixel_values": pixels, "presence": presence, "count": count}
-    if dense:
-        # Per patch: 0 for background, else 1 + the (colour, shape) pair of the object covering it.
-        pair_of_object = [np.array([0] + [1 + PAIRS.index((o.colour, o.shape)) for o in s.objects]) for s in batch]
-        patches = np.stack([pairs[patch_labels(s.objects)] for pairs, s in zip(pair_of_object, batch, strict=True)])
-        batch_arrays["patch_pairs"] = patches
-    return batch_arrays
+def scene_targets(objects: tuple[ShapeObject, ...], image_size: int) -> dict[str, np.ndarray]:
+    """What the CLS token must tell about a scene: which pairs, colours and shapes, how many, where, how big."""
+    presence = np.zeros(len(PAIRS), dtype=np.float32)
+    colours = np.zeros(len(COLOUR_NAMES), dtype=np.float32)
+    shapes = np.zeros(len(SHAPES), dtype=np.float32)
+    places = np.zeros((len(PAIRS), 3), dtype=np.float32)  # x, y as fractions of the image; 1 if large
+    for obj in objects:
+        pair = PAIRS.index((obj.colour, obj.shape))
+        presence[pair] = colours[COLOUR_NAMES.index(obj.colour)] = shapes[SHAPES.index(obj.shape)] = 1.0
+        places[pair] = (obj.x / image_size, obj.y / image_size, SIZE_NAMES.index(obj.size))
+    count = np.array(len(objects), dtype=np.int64)
+    return {"presence": presence, "colours": colours, "shapes": shapes, "count": count, "places": places}
+
+
+def _stage1_batch(processor: LlavaProcessor, start: int, size: int, *, image_size: int, max_objects: int) -> dict:
+    scenes = [make_scene("train", index, image_size, max_objects) for index in range(start, start + size)]
+    pixels = processor.image_processor(
+        [image for image, _ in scenes],
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        return_tensors="np",
+    )["pixel_values"]
+    targets = [scene_targets(objects, image_size) for _, objects in scenes]
+    return {"pixel_values": pixels} | {key: np.stack([t[key] for t in targets]) for key in targets[0]}
 
 
 def conversation_text(turns: tuple[tuple[str, str, str], ...]) -> str:
@@ -175,58 +189,91 @@ def _optimizer(parameters: list[torch.nn.Parameter], recipe: Recipe, lr: float) 
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
 
 
+class SceneHead(torch.nn.Module):
+    """Stage-1 head on the pooled CLS output: presence, colour, shape and count logits, and per-pair places."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.sizes = (len(PAIRS), len(COLOUR_NAMES), len(SHAPES), len(COUNT_WORDS), 3 * len(PAIRS))
+        self.linear = torch.nn.Linear(hidden_size, sum(self.sizes))
+
+    def forward(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        presence, colours, shapes, count, places = self.linear(pooled).split(self.sizes, dim=-1)
+        places = places.unflatten(-1, (len(PAIRS), 3))
+        return {"presence": presence, "colours": colours, "shapes": shapes, "count": count, "places": places}
+
+
+def scene_loss(predicted: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Presence losses (pairs, colours, shapes), count, and the places of the present pairs.
+
+    Shape is the attribute a small ViT learns last, so shapes weigh as much as colours.
+    """
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    present = target["presence"].bool()
+    location = torch.nn.functional.mse_loss(predicted["places"][..., :2][present], target["places"][..., :2][present])
+    size = bce(predicted["places"][..., 2][present], target["places"][..., 2][present])
+    return (
+        bce(predicted["presence"], target["presence"]) * len(PAIRS) / 4
+        + bce(predicted["colours"], target["colours"]) * len(COLOUR_NAMES)
+        + bce(predicted["shapes"], target["shapes"]) * len(COLOUR_NAMES)
+        + torch.nn.functional.cross_entropy(predicted["count"], target["count"])
+        + 5 * location
+        + size
+    )
+
+
+def _scene_metrics(predicted: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Exact-set accuracies (all labels right) and the mean location error in patches of a 24-wide grid."""
+    present = target["presence"].bool()
+
+    def exact(key: str) -> float:
+        return ((predicted[key] > 0) == target[key].bool()).all(-1).float().mean().item()
+
+    error = (predicted["places"][..., :2][present] - target["places"][..., :2][present]).abs().mean().item()
+    return {
+        "pairs": round(exact("presence"), 4),
+        "colours": round(exact("colours"), 4),
+        "shapes": round(exact("shapes"), 4),
+        "count": round((predicted["count"].argmax(-1) == target["count"]).float().mean().item(), 4),
+        "location_error_patches": round(error * IMAGE_SIZE / PATCH_SIZE, 2),
+    }
+
+
 def train_vision(model: LlavaForConditionalGeneration, processor: LlavaProcessor, recipe: Recipe, log: list) -> None:
-    """Stage 1: CLS attribute prediction trains ``model.model.vision_tower`` in place."""
+    """Stage 1: the encoder (``model.model.vision_tower``) learns through its CLS token, in place.
+
+    First on small scenes at ``pretrain_size`` pixels (position embeddings interpolated, as CLIP
+    is pre-trained at a lower resolution than LLaVA-1.5 uses), which is where local shape features
+    are learned cheaply, then on full-size scenes.
+    """
     tower = model.model.vision_tower
-    head = torch.nn.Linear(tower.config.hidden_size, len(PAIRS) + len(COUNT_WORDS))
+    head = SceneHead(tower.config.hidden_size)
     parameters = [*tower.parameters(), *head.parameters()]
-    if recipe.dense_weight:
-        patch_head = torch.nn.Linear(tower.config.hidden_size, 1 + len(PAIRS))
-        parameters += list(patch_head.parameters())
-    # Object patches are ~5 % of the grid; weigh them up so the background class does not dominate.
-    patch_class_weight = torch.tensor([0.2] + [1.0] * len(PAIRS))
-    optimizer = _optimizer(parameters, recipe, recipe.stage1_lr)
-    started = time.time()
-    build = partial(_stage1_batch, processor, dense=bool(recipe.dense_weight))
-    for step, batch in enumerate(_batches(build, recipe.stage1_steps, recipe.stage1_batch)):
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, recipe.stage1_steps, recipe.stage1_lr, recipe.warmup_steps)
-        output = tower(pixel_values=batch["pixel_values"], output_hidden_states=bool(recipe.dense_weight))
-        logits = head(output.pooler_output)
-        presence_logits, count_logits = logits[:, : len(PAIRS)], logits[:, len(PAIRS) :]
-        # Scaled so a missed object weighs about as much as a wrong count (≈ 2.5 objects per image).
-        presence_loss = torch.nn.functional.binary_cross_entropy_with_logits(presence_logits, batch["presence"])
-        loss = presence_loss * len(PAIRS) / 4 + torch.nn.functional.cross_entropy(count_logits, batch["count"])
-        if recipe.dense_weight:
-            patch_logits = patch_head(output.hidden_states[model.config.vision_feature_layer][:, 1:])
-            patch_loss = torch.nn.functional.cross_entropy(
-                patch_logits.flatten(0, 1), batch["patch_pairs"].flatten(), weight=patch_class_weight
-            )
-            loss = loss + recipe.dense_weight * patch_loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % 25 == 0 or step + 1 == recipe.stage1_steps:
-            metrics = {}
-            with torch.no_grad():
-                pair_accuracy = ((presence_logits > 0) == (batch["presence"] > 0)).float().mean().item()
-                count_accuracy = (count_logits.argmax(-1) == batch["count"]).float().mean().item()
-                if recipe.dense_weight:
-                    on_objects = batch["patch_pairs"] > 0
-                    hits = patch_logits.argmax(-1)[on_objects] == batch["patch_pairs"][on_objects]
-                    metrics["object_patch_accuracy"] = round(hits.float().mean().item(), 4)
-            entry = {
-                "stage": 1,
-                "step": step + 1,
-                "seconds": round(time.time() - started, 1),
-                "loss": round(loss.item(), 4),
-                "pair_accuracy": round(pair_accuracy, 4),
-                "count_accuracy": round(count_accuracy, 4),
-                **metrics,
-            }
-            log.append(entry)
-            print(json.dumps(entry), flush=True)
+    phases = [
+        ("1a", recipe.pretrain_steps, recipe.pretrain_size, recipe.pretrain_objects),
+        ("1b", recipe.stage1_steps, IMAGE_SIZE, 4),
+    ]
+    for phase, steps, image_size, max_objects in phases:
+        optimizer = _optimizer(parameters, recipe, recipe.stage1_lr)
+        started = time.time()
+        build = partial(_stage1_batch, processor, image_size=image_size, max_objects=max_objects)
+        for step, batch in enumerate(_batches(build, steps, recipe.stage1_batch)):
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(step, steps, recipe.stage1_lr, min(recipe.warmup_steps, steps // 4))
+            pooled = tower(pixel_values=batch.pop("pixel_values"), interpolate_pos_encoding=True).pooler_output
+            predicted = head(pooled)
+            loss = scene_loss(predicted, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if (step + 1) % 50 == 0 or step + 1 == steps:
+                with torch.no_grad():
+                    metrics = _scene_metrics(predicted, batch)
+                entry = {"stage": phase, "step": step + 1, "seconds": round(time.time() - started, 1)}
+                entry |= {"loss": round(loss.item(), 4), **metrics}
+                log.append(entry)
+                print(json.dumps(entry), flush=True)
 
 
 def train_language(model: LlavaForConditionalGeneration, processor: LlavaProcessor, recipe: Recipe, log: list) -> None:

@@ -1,0 +1,128 @@
+"""The method registry behind :func:`flowcut.apply`: which visual tokens of each image reach the language model.
+
+A method is one small class in one module of this package, registered with :func:`register`:
+it receives an :class:`EncoderCall` (the images, the family's encoder adapter, the feature layer
+and the family's projector) and returns an :class:`MethodOutput` with exactly
+:meth:`Method.tokens_per_image` projected tokens per image. Methods know nothing about model
+families; a family adapter builds the call. Adding a method means adding one module here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from flowcut.core.encoder_stage import AttentionRecord, AttentionRecorder, ImageTrace, VisionEncoderAdapter
+
+if TYPE_CHECKING:
+    from flowcut.config import FlowCutConfig
+
+
+@dataclass(frozen=True)
+class EncoderCall:
+    """One batch of images on its way to the language model: everything a method may use."""
+
+    config: FlowCutConfig
+    encoder: VisionEncoderAdapter
+    pixel_values: torch.Tensor
+    feature_layer: int
+    """0-based encoder layer whose output feeds the projector; later layers never run."""
+    grid_size: tuple[int, int]
+    """Patch grid (rows, columns), row-major patch order, the query token (CLS) excluded."""
+    project: Callable[[torch.Tensor], torch.Tensor]
+    """The family's projector: ``(B, T, D_vision) -> (B, T, D_text)``."""
+
+
+@dataclass
+class MethodOutput:
+    """The projected visual tokens per image, what the encoder produced, and what happened per image."""
+
+    features: torch.Tensor
+    """``(B, tokens_per_image, D_text)``: the language model's visual input embeddings."""
+    hidden_states: torch.Tensor
+    """The encoder-side tokens the features were projected from (``last_hidden_state`` of the call)."""
+    images: list[ImageTrace]
+
+
+class Method:
+    """One way of choosing each image's visual tokens; subclasses set the class attributes and :meth:`run`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    """One line for tables and ``--help``: what it keeps, and its source."""
+    prunes: ClassVar[bool] = True
+    """False only for the unpruned reference (``"none"``): the family runs its stock path."""
+
+    def tokens_per_image(self, keep: int, num_patches: int) -> int:
+        """Visual tokens per image that reach the language model."""
+        return min(keep, num_patches) if self.prunes else num_patches
+
+    def run(self, call: EncoderCall) -> MethodOutput:
+        """Choose and project the visual tokens of one batch."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available under ``cls.name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def method_names() -> tuple[str, ...]:
+    """Registered method names, FlowCut first."""
+    return tuple(sorted(_REGISTRY, key=lambda name: (name != "flowcut", name)))
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; unknown names are an error that lists the known ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(method_names())}")
+    return _REGISTRY[name]
+
+
+# -- helpers shared by methods that read the unpruned feature layer --------------------------------
+
+
+def run_to_feature_layer(call: EncoderCall, record_last: bool = False) -> tuple[torch.Tensor, AttentionRecord | None]:
+    """The unpruned feature-layer output ``(B, 1 + N, D)``, and that layer's attention inputs if asked."""
+    hidden_states = call.encoder.embed(call.pixel_values)
+    recorder = AttentionRecorder() if record_last else None
+    for index in range(call.feature_layer + 1):
+        last = index == call.feature_layer
+        hidden_states = call.encoder.run_layer(index, hidden_states, None, recorder if last else None)
+    return hidden_states, recorder.take() if recorder is not None else None
+
+
+def unpruned_trace(kept_indices: torch.Tensor, call: EncoderCall, num_patches: int) -> ImageTrace:
+    """The trace of an image whose encoder ran unpruned and whose tokens were chosen at the feature layer."""
+    layers = call.feature_layer + 1
+    return ImageTrace(kept_indices.cpu(), [num_patches] * layers, [call.feature_layer], [None] * layers)
+
+
+def _discover() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_discover()
+
+__all__ = [
+    "EncoderCall",
+    "Method",
+    "MethodOutput",
+    "get_method",
+    "method_names",
+    "register",
+    "run_to_feature_layer",
+    "unpruned_trace",
+]

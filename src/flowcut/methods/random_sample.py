@@ -1,0 +1,38 @@
+"""The floor: a seeded uniform sample of patches at the feature layer."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from flowcut.methods import EncoderCall, Method, MethodOutput, register, run_to_feature_layer, unpruned_trace
+
+
+def random_patches(image: torch.Tensor, num_patches: int, keep: int, seed: int) -> torch.Tensor:
+    """A uniform sample of ``keep`` patch indices (ascending), seeded by ``seed`` and the image's own pixels.
+
+    The pixels enter the seed so that different images get different samples while one image gets
+    the same sample alone or in any batch.
+    """
+    # The generator keeps 32 bits of its seed, so the seed enters as the checksum's start value.
+    image_seed = zlib.crc32(image.detach().float().cpu().contiguous().numpy().tobytes(), seed % 2**32)
+    generator = torch.Generator().manual_seed(image_seed)
+    return torch.randperm(num_patches, generator=generator)[:keep].sort().values
+
+
+@register
+class RandomSample(Method):
+    name = "random"
+    summary = "seeded uniform sample of patches (per image, batch-invariant), positional order"
+
+    def run(self, call: EncoderCall) -> MethodOutput:
+        hidden_states, _ = run_to_feature_layer(call)
+        num_patches = hidden_states.shape[1] - 1
+        kept = [random_patches(image, num_patches, call.config.keep, call.config.seed) for image in call.pixel_values]
+        patches = torch.stack(
+            [states[1 + indices.to(states.device)] for states, indices in zip(hidden_states, kept, strict=True)]
+        )
+        return MethodOutput(
+            call.project(patches), patches, [unpruned_trace(indices, call, num_patches) for indices in kept]
+        )

@@ -1,0 +1,166 @@
+"""The method registry and the baselines behind flowcut.apply: defining behaviour on hand-checkable inputs,
+exact budgets, batch invariance, and the stock path of ``method="none"``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flowcut
+from flowcut.methods import get_method, method_names
+from flowcut.methods.divprune import max_min_diverse
+from flowcut.methods.pool import cell_centres, pool_grid, pool_patches
+from flowcut.methods.visionzip import visionzip_split, visionzip_tokens
+
+KEEP = 16
+NUM_PATCHES = 144  # 84-px images, 7-px patches: a 12×12 grid
+PRUNING_OPTIONS = [{"method": name} for name in ("flowcut", "visionzip", "divprune", "random", "pool")]
+PRUNING_OPTIONS += [{"schedule": "one_shot"}, {"counts": "uniform"}, {"criteria": "relation"}]
+PROMPT = "USER: <image>\nwhat ? ASSISTANT:"
+
+
+def pixels(processor, images) -> torch.Tensor:
+    return processor.image_processor(images, return_tensors="pt").pixel_values
+
+
+def test_registry_lists_every_method_and_rejects_unknown_names():
+    assert method_names() == ("flowcut", "divprune", "none", "pool", "random", "visionzip")
+    assert flowcut.METHODS == method_names()
+    assert all(get_method(name).summary for name in method_names())
+    with pytest.raises(ValueError, match=r"unknown method 'fastvv'; available: flowcut, divprune, none, pool, random"):
+        flowcut.FlowCutConfig(method="fastvv")
+
+
+def test_flowcut_settings_are_refused_for_other_methods():
+    with pytest.raises(ValueError, match="counts='uniform' is a FlowCut setting; it does not apply to 'visionzip'"):
+        flowcut.FlowCutConfig(method="visionzip", counts="uniform")
+    with pytest.raises(ValueError, match="unknown criteria 'value'; available: all, relation"):
+        flowcut.FlowCutConfig(criteria="value")
+
+
+# -- pool -------------------------------------------------------------------------------------------
+
+
+def test_pool_grid_is_exact_and_as_square_as_the_budget_allows():
+    assert [pool_grid(keep, (24, 24)) for keep in (192, 128, 64, 32, 576)] == [
+        (12, 16),
+        (8, 16),
+        (8, 8),
+        (4, 8),
+        (24, 24),
+    ]
+    assert pool_grid(6, (2, 4)) == (2, 3)
+    with pytest.raises(ValueError, match="keep=7 cells do not fit a 2×3 patch grid"):
+        pool_grid(7, (2, 3))
+
+
+def test_pool_averages_uniform_cells():
+    patches = torch.arange(16.0).view(1, 16, 1)  # a 4×4 grid holding its own indices
+    pooled = pool_patches(patches, (4, 4), (2, 2))
+    assert pooled.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert cell_centres((4, 4), (2, 2)).tolist() == [0, 2, 8, 10]
+
+
+# -- VisionZip ----------------------------------------------------------------------------------------
+
+
+def test_visionzip_splits_budgets_as_the_paper():
+    assert [visionzip_split(keep) for keep in (64, 128, 192)] == [(54, 10), (108, 20), (162, 30)]
+
+
+def test_visionzip_keeps_cls_and_top_attended_patches_and_merges_the_rest_by_key():
+    # CLS + 6 patches; hidden state of slot i is the one-hot e_i so every merge is visible.
+    hidden = torch.eye(7)
+    cls_attention = torch.tensor([0.5, 0.05, 0.3, 0.01, 0.02, 0.1, 0.02])
+    keys = torch.tensor([[1.0, 0.0]] * 3 + [[1.0, 0.1], [0.0, 1.0], [0.0, 1.0], [0.1, 1.0]])  # CLS, patches 0–5
+    tokens, dominant, targets = visionzip_tokens(hidden, cls_attention, keys, dominant=3, contextual=2)
+    assert dominant.tolist() == [1, 4]  # patches 1 and 4 (slots 2 and 5) have the most CLS attention
+    # Remaining patches 0, 2, 3, 5; stride 4 // 2 = 2: targets are patches 0 and 3.
+    assert targets.tolist() == [0, 3]
+    assert torch.equal(tokens[0], hidden[0]) and torch.equal(tokens[1:3], hidden[[2, 5]])
+    # Patch 2 (key [1, .1]) joins target 0 (key [1, 0]); patch 5 (key [.1, 1]) joins target 3 (key [0, 1]).
+    assert torch.equal(tokens[3], hidden[1] + hidden[3])
+    assert torch.equal(tokens[4], hidden[4] + hidden[6])
+    assert tokens.shape == (5, 7)
+
+
+def test_visionzip_dominant_patches_follow_the_stock_cls_attention(tiny, images):
+    model, processor = tiny
+    batch = pixels(processor, images)
+    model.config.vision_config._attn_implementation = "eager"
+    with torch.no_grad():
+        stock = model.model.vision_tower(batch, output_attentions=True, output_hidden_states=True)
+    model.config.vision_config._attn_implementation = "sdpa"
+    cls_attention = stock.attentions[-2][:, :, 0, 1:].sum(dim=1)  # the feature layer is layer -2
+    handle = flowcut.apply(model, keep=KEEP, method="visionzip")
+    with torch.no_grad():
+        features = model.model.get_image_features(batch).pooler_output
+    dominant, _ = visionzip_split(KEEP)
+    for image, kept in enumerate(handle.last_trace.kept_indices):
+        assert features[image].shape[0] == KEEP and len(kept) == KEEP - 1
+        top = set(cls_attention[image].topk(dominant - 1).indices.tolist())
+        assert top <= set(kept.tolist())
+        projected_cls = model.model.multi_modal_projector(stock.hidden_states[-2][image, :1])
+        assert torch.allclose(features[image][:1], projected_cls, atol=1e-5)  # VisionZip hands CLS over
+
+
+# -- DivPrune -----------------------------------------------------------------------------------------
+
+
+def test_divprune_is_greedy_max_min_diverse():
+    angles = torch.tensor([0.0, 0.1, 1.5, 3.0, 3.05])  # two tight pairs and one loner, in radians
+    features = torch.stack([angles.cos(), angles.sin()], dim=1)
+    # The loner (index 2) has the farthest nearest neighbour; index 4 is farthest from it (1.55 rad);
+    # then index 0 (1.5 rad from the set) beats index 1 (1.4) and index 3 (0.05).
+    assert max_min_diverse(features, 1).tolist() == [2]
+    assert max_min_diverse(features, 2).tolist() == [2, 4]
+    assert max_min_diverse(features, 3).tolist() == [0, 2, 4]
+    assert max_min_diverse(torch.eye(3), 2).tolist() == [0, 1]  # all distances equal: lowest indices
+
+
+def test_divprune_selects_on_the_stock_projected_tokens(tiny, images):
+    model, processor = tiny
+    batch = pixels(processor, images)
+    with torch.no_grad():
+        stock = model.model.get_image_features(batch).pooler_output
+        handle = flowcut.apply(model, keep=KEEP, method="divprune")
+        features = model.model.get_image_features(batch).pooler_output
+    for image, kept in enumerate(handle.last_trace.kept_indices):
+        assert kept.tolist() == max_min_diverse(stock[image], KEEP).tolist()
+        assert torch.allclose(features[image], stock[image][kept], atol=1e-5)
+
+
+# -- every method ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", PRUNING_OPTIONS, ids=lambda options: "-".join(map(str, options.values())))
+def test_exact_budget_batch_invariance_and_generation(tiny, images, options):
+    model, processor = tiny
+    batch = pixels(processor, images)
+    with flowcut.apply(model, processor=processor, keep=KEEP, **options) as handle:
+        with torch.no_grad():
+            together = model.model.get_image_features(batch).pooler_output
+            alone = [model.model.get_image_features(batch[i : i + 1]).pooler_output[0] for i in range(3)]
+        for image in range(3):
+            assert together[image].shape == (KEEP, model.config.text_config.hidden_size)
+            assert torch.allclose(together[image], alone[image], atol=1e-5)
+        assert handle.tokens_per_image == KEEP
+        inputs = processor(images=images[0], text=PROMPT, return_tensors="pt")
+        assert int((inputs.input_ids == model.config.image_token_id).sum()) == KEEP
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert output.shape[1] == inputs.input_ids.shape[1] + 3
+
+
+def test_none_is_the_stock_model_whatever_keep_says(tiny, images):
+    model, processor = tiny
+    inputs = processor(images=images[0], text=PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        stock = model(**inputs).logits
+    with flowcut.apply(model, processor=processor, keep=KEEP, method="none") as handle:
+        assert handle.tokens_per_image == NUM_PATCHES
+        pruned_inputs = processor(images=images[0], text=PROMPT, return_tensors="pt")
+        assert torch.equal(pruned_inputs.input_ids, inputs.input_ids)
+        with torch.no_grad():
+            assert torch.equal(model(**pruned_inputs).logits, stock)
+        assert handle.last_trace.keep == NUM_PATCHES and len(handle.last_trace.kept_indices[0]) == NUM_PATCHES
