@@ -115,6 +115,19 @@ def _resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
     return device, dtype
 
 
+def _open_image(path: Path) -> Any:
+    """The image at ``path`` as RGB, or a clear error."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        _fail(f"image file not found: {path}")
+    try:
+        return Image.open(path).convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        _fail(f"cannot read image {path}: {error}")
+        raise  # unreachable: _fail exits
+
+
 def _unknown_words(processor: Any, text: str) -> list[str]:
     """Words of ``text`` the model's tokenizer can only map to its unknown token."""
     tokenizer = getattr(processor, "tokenizer", None)
@@ -151,16 +164,10 @@ def generate(
 ) -> None:
     """Answer PROMPT about IMAGE with METHOD (FlowCut by default) keeping KEEP visual tokens per image."""
     import torch
-    from PIL import Image, UnidentifiedImageError
 
     import flowcut
 
-    if not image.is_file():
-        _fail(f"image file not found: {image}")
-    try:
-        picture = Image.open(image).convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        _fail(f"cannot read image {image}: {error}")
+    picture = _open_image(image)
     device, dtype = _resolve_device_dtype(device, dtype)
     try:
         config = FlowCutConfig(
@@ -287,6 +294,55 @@ def evaluate_command(
     written = report_data.save(output, plot=plot)
     report.print(report_data.to_markdown(), markup=False)
     report.print("wrote " + ", ".join(str(path) for path in written))
+
+
+@app.command()
+def viz(
+    image: Annotated[Path, typer.Option(help="Image file to prune.")],
+    prompt: Annotated[str | None, typer.Option(help="Question to answer under every method (optional).")] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    keep: Annotated[int, typer.Option(help="Visual tokens per image that reach the language model.")] = 64,
+    method: Annotated[
+        str, typer.Option(help=f"Comma-separated methods; the first is drawn step by step. From: {', '.join(METHODS)}.")
+    ] = "flowcut",
+    layers: Annotated[
+        str | None, typer.Option(help="Comma-separated encoder layers for the score heat maps (default: three).")
+    ] = None,
+    output: Annotated[Path, typer.Option(help="Figure file, .png or .svg.")] = Path("flowcut-viz.png"),
+    dpi: Annotated[int, typer.Option(help="Resolution of a PNG.")] = 110,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda', 'cuda:1', …")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="'auto' (float16 on GPU, float32 on CPU), float32, float16, bfloat16.")
+    ] = "auto",
+) -> None:
+    """Draw what METHOD keeps of IMAGE: prune steps, score heat maps, entropy schedule, methods side by side."""
+    if output.suffix.lower() not in (".png", ".svg"):
+        _fail(f"--output must end in .png or .svg, got {output.name!r}")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        _fail("flowcut viz needs matplotlib: pip install 'flowcut-vlm[viz]'")
+    from flowcut.viz import visualise
+
+    names = [name.strip() for name in method.split(",") if name.strip()]
+    try:
+        for name in names:
+            FlowCutConfig(keep=keep, method=name)
+    except (TypeError, ValueError) as error:
+        _fail(str(error))
+    if not names:
+        _fail("--method names no method")
+    chosen_layers = _int_list(layers, "layers") if layers else None
+    picture = _open_image(image)
+    device, dtype = _resolve_device_dtype(device, dtype)
+    loaded_model, processor = load_model(_model_source(model), device, dtype)
+    try:
+        figure = visualise(loaded_model, processor, picture, keep, names, prompt=prompt, layers=chosen_layers)
+    except (TypeError, ValueError) as error:
+        _fail(str(error))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=dpi)
+    report.print(f"wrote {output}")
 
 
 def main() -> None:

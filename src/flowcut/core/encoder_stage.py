@@ -116,6 +116,8 @@ class ImageTrace:
     """H / log N of the CLS attention over patches per layer (None where the layer was not scored)."""
     scores: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
     """With ``record_scores``: per criterion, per layer, an (N,) tensor over the full grid, NaN where pruned."""
+    kept_after_prune: list[torch.Tensor] = field(default_factory=list)
+    """The patch indices alive after each of ``prune_layers`` (ascending); the last equals ``kept_indices``."""
 
 
 @dataclass
@@ -233,9 +235,10 @@ def run_encoder_stage(
             for b, (count, new) in enumerate(zip(counts, new_counts, strict=True))
         ]
         hidden_states, positions, cumulative = _compact(hidden_states, positions, cumulative, kept_slots)
-        for trace, count, new in zip(traces, counts, new_counts, strict=True):
+        for b, (trace, count, new) in enumerate(zip(traces, counts, new_counts, strict=True)):
             if new != count:
                 trace.prune_layers.append(index)
+                trace.kept_after_prune.append(positions[b, :new].sort().values.cpu())
         counts = new_counts
 
     for b, trace in enumerate(traces):

@@ -106,7 +106,8 @@ def run_to_feature_layer(call: EncoderCall, record_last: bool = False) -> tuple[
 def unpruned_trace(kept_indices: torch.Tensor, call: EncoderCall, num_patches: int) -> ImageTrace:
     """The trace of an image whose encoder ran unpruned and whose tokens were chosen at the feature layer."""
     layers = call.feature_layer + 1
-    return ImageTrace(kept_indices.cpu(), [num_patches] * layers, [call.feature_layer], [None] * layers)
+    kept = kept_indices.cpu()
+    return ImageTrace(kept, [num_patches] * layers, [call.feature_layer], [None] * layers, kept_after_prune=[kept])
 
 
 def _discover() -> None:
