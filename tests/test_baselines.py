@@ -24,10 +24,11 @@ def pixels(processor, images) -> torch.Tensor:
 
 
 def test_registry_lists_every_method_and_rejects_unknown_names():
-    assert method_names() == ("flowcut", "divprune", "none", "pool", "random", "visionzip")
+    assert method_names() == ("flowcut", "divprune", "fastv", "none", "pool", "random", "visionzip")
     assert flowcut.METHODS == method_names()
     assert all(get_method(name).summary for name in method_names())
-    with pytest.raises(ValueError, match=r"unknown method 'fastvv'; available: flowcut, divprune, none, pool, random"):
+    known = "flowcut, divprune, fastv, none, pool, random, visionzip"
+    with pytest.raises(ValueError, match=f"unknown method 'fastvv'; available: {known}$"):
         flowcut.FlowCutConfig(method="fastvv")
 
 

@@ -47,7 +47,7 @@ def test_settings_unpruned_first_then_methods_by_budget():
 @pytest.mark.parametrize(
     ("methods", "budgets", "message"),
     [
-        (["flowcut", "fastv"], [64], "unknown method\\(s\\) fastv; available: flowcut, one-shot, uniform-counts"),
+        (["flowcut", "fastvv"], [64], "unknown method\\(s\\) fastvv; available: flowcut, one-shot, uniform-counts"),
         (["flowcut"], [], "at least one budget"),
         (["flowcut"], [0], "keep must be at least 1"),
     ],
@@ -144,8 +144,10 @@ def test_cli_eval_on_a_tiny_model(tmp_path):
         ("random", 8, 3),
     ]
     assert (output / "eval.png").exists()
-    bad = runner.invoke(app, [*arguments[:-2], "--methods", "flowcut,fastv", "--output", str(output)])
-    assert bad.exit_code == 2 and "unknown method(s) fastv" in bad.output
+    bad = runner.invoke(app, [*arguments[:-2], "--methods", "flowcut,fastvv", "--output", str(output)])
+    assert bad.exit_code == 2 and "unknown method(s) fastvv" in bad.output
+    shallow = runner.invoke(app, [*arguments[:-2], "--methods", "flowcut,fastv", "--output", str(output)])
+    assert shallow.exit_code == 2 and "needs a later layer" in shallow.output and "settings ×" not in shallow.output
 
 
 @pytest.fixture(scope="module")

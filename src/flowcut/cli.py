@@ -253,7 +253,7 @@ def evaluate_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from flowcut.data.shapes import GRID, SPLIT_SEEDS, samples
-    from flowcut.evaluate import EvalReport, evaluate, information_flow, settings_for
+    from flowcut.evaluate import EvalReport, check_settings, evaluate, information_flow, settings_for
 
     if split not in SPLIT_SEEDS:
         _fail(f"unknown split {split!r}; choose from {', '.join(SPLIT_SEEDS)}")
@@ -271,6 +271,10 @@ def evaluate_command(
     device, dtype = _resolve_device_dtype(device, dtype)
     source = _model_source(model)
     loaded_model, processor = load_model(source, device, dtype)
+    try:
+        check_settings(loaded_model, settings)
+    except (TypeError, ValueError) as error:
+        _fail(str(error))
     questions = list(samples(split, count, start))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:

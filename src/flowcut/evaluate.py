@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from flowcut.api import apply
+from flowcut.api import apply, get_handle
 from flowcut.config import FlowCutConfig
 from flowcut.core.scoring import entropy_ratio
 from flowcut.data.shapes import GRID, QUESTION_KINDS, Sample, object_patches
@@ -30,12 +30,13 @@ METHODS = {
     "no-cumulative": ("FlowCut, no cumulative score", {"method": "flowcut", "ema_weight": 0.0}),
     "visionzip": ("VisionZip", {"method": "visionzip"}),
     "divprune": ("DivPrune", {"method": "divprune"}),
+    "fastv": ("FastV", {"method": "fastv"}),
     "pool": ("pool", {"method": "pool"}),
     "random": ("random", {"method": "random"}),
 }
 """Methods ``flowcut eval`` compares: name → (label, :class:`FlowCutConfig` fields); the paper's ablations included."""
 
-DEFAULT_METHODS = ("flowcut", "one-shot", "visionzip", "divprune", "pool", "random")
+DEFAULT_METHODS = ("flowcut", "one-shot", "visionzip", "fastv", "divprune", "pool", "random")
 """What ``flowcut eval`` compares unless told otherwise: FlowCut, its one-shot ablation, the baselines, the floors."""
 
 
@@ -232,9 +233,16 @@ class EvalReport:
         return written
 
 
-def last_token_logits(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits at each row's last real token, for left or right padding: ``(B,T,V),(B,T) -> (B,V)``."""
+def last_token_logits(
+    logits: torch.Tensor, attention_mask: torch.Tensor, kept_positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits at each row's last real token, for left or right padding: ``(B,T,V),(B,T) -> (B,V)``.
+
+    After language-model pruning the logits cover only ``kept_positions`` ``(B, T')`` of the prompt.
+    """
     last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
+    if kept_positions is not None:
+        last = (kept_positions.to(last.device) <= last[:, None]).sum(1) - 1
     return logits[torch.arange(logits.shape[0]), last]
 
 
@@ -249,8 +257,18 @@ def first_answers(model: torch.nn.Module, processor: Any, batch: Sequence[Sample
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.inference_mode():
         logits = model(**inputs).logits
-    tokens = last_token_logits(logits, inputs["attention_mask"]).argmax(-1)
+    kept_positions = None
+    if logits.shape[1] != inputs["attention_mask"].shape[1]:  # pruned inside the language model
+        kept_positions = get_handle(model).last_trace.language_positions
+    tokens = last_token_logits(logits, inputs["attention_mask"], kept_positions).argmax(-1)
     return [processor.tokenizer.decode([int(token)]).strip() for token in tokens]
+
+
+def check_settings(model: torch.nn.Module, settings: Sequence[Setting]) -> None:
+    """Refuse a setting this model cannot run (e.g. FastV on a two-layer language model) before any work."""
+    for setting in settings:
+        if setting.method:
+            apply(model, config=setting.config()).remove()
 
 
 def evaluate(
@@ -266,6 +284,7 @@ def evaluate(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     num_patches = grid * grid
+    check_settings(model, settings)
     results = []
     for setting in settings:
         result = Result(setting.method, setting.keep or num_patches, setting.label)

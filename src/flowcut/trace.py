@@ -19,6 +19,8 @@ class PruningTrace:
     keep: int
     feature_layer: int
     """Encoder layer whose output fed the projector; layers after it did not run."""
+    language_positions: torch.Tensor | None = None
+    """Language-model pruning only: ``(B, L')`` prompt positions the layers after the pruning layer kept."""
 
     @property
     def num_patches(self) -> int:

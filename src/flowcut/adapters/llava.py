@@ -9,6 +9,7 @@ stays on and passes.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from transformers import LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from flowcut.adapters.clip import ClipEncoderAdapter
+from flowcut.adapters.language import DecoderPruner, prompt_layout
 from flowcut.config import FlowCutConfig
 from flowcut.core.encoder_stage import ImageTrace
 from flowcut.methods import EncoderCall, get_method
@@ -70,11 +72,31 @@ class LlavaFamily:
         self.image_token_id = model_config.image_token_id
         self._previous: dict[str, Any] = {}
         self._hook = None
+        self._feature_layer = self.default_feature_layer
+        self.pruner: DecoderPruner | None = None
+        if self.method.stage == "language" and self.tokens_per_image < self.encoder.num_patches:
+            layers = self.base.language_model.layers
+            attention = layers[0].self_attn
+            self.pruner = DecoderPruner(
+                list(layers),
+                attention.config,
+                sys.modules[type(attention).__module__].eager_attention_forward,
+                self.method.language_layer,
+                self.tokens_per_image,
+                self.encoder.num_patches,
+                self.method.language_score,
+                self._language_trace,
+            )
 
     @property
     def tokens_per_image(self) -> int:
-        """Visual tokens per image that reach the language model."""
+        """Visual tokens per image that the language model's later layers see."""
         return self.method.tokens_per_image(self.config.keep, self.encoder.num_patches)
+
+    @property
+    def input_tokens_per_image(self) -> int:
+        """Visual tokens per image entering the language model (all of them for language-stage methods)."""
+        return self.encoder.num_patches if self.method.stage == "language" else self.tokens_per_image
 
     @property
     def stock_tokens_per_image(self) -> int:
@@ -103,7 +125,9 @@ class LlavaFamily:
             )
 
         self.base.get_image_features = get_image_features
-        self._hook = self.model.register_forward_pre_hook(self._check_placeholders, with_kwargs=True)
+        self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        if self.pruner is not None:
+            self.pruner.install()
 
     def uninstall(self) -> None:
         """Restore the instance exactly as it was before :meth:`install`."""
@@ -115,6 +139,8 @@ class LlavaFamily:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self.pruner is not None:
+            self.pruner.remove()
 
     def image_features(
         self,
@@ -139,7 +165,7 @@ class LlavaFamily:
             raise ValueError("FlowCut's LLaVA-1.5 path takes fixed-size images; image_sizes is not supported")
         batch_size = pixel_values.shape[0]
 
-        if self.tokens_per_image >= self.encoder.num_patches:
+        if self.input_tokens_per_image >= self.encoder.num_patches:
             # Documented no-op: the stock path, bit for bit.
             output = stock(
                 pixel_values=pixel_values,
@@ -154,7 +180,9 @@ class LlavaFamily:
                 )
                 for _ in range(batch_size)
             ]
-            self.on_trace(PruningTrace(images, self.encoder.grid_size, self.tokens_per_image, feature_layer))
+            if self.pruner is None:
+                self.on_trace(PruningTrace(images, self.encoder.grid_size, self.tokens_per_image, feature_layer))
+            self._feature_layer = feature_layer
             return output
 
         call = EncoderCall(
@@ -173,9 +201,35 @@ class LlavaFamily:
         )
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
-    def _check_placeholders(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Explain a placeholder count that was made for the unpruned model before the model's own check fails."""
+    def _language_trace(self, positions: torch.Tensor, scores: torch.Tensor) -> None:
+        """Trace of a language-model prune: each image's kept visual tokens as patch indices."""
+        layout = self.pruner.layout
+        num_patches = self.encoder.num_patches
+        layers = self._feature_layer + 1
+        images = []
+        for row_positions, row_visual in zip(positions, layout.visual, strict=True):
+            kept = torch.zeros_like(row_visual)
+            kept[row_positions] = True
+            for image in row_visual.nonzero().squeeze(1).split(num_patches):
+                indices = kept[image].nonzero().squeeze(1).cpu()
+                images.append(ImageTrace(indices, [num_patches] * layers, [], [None] * layers))
+        trace = PruningTrace(images, self.encoder.grid_size, self.tokens_per_image, self._feature_layer, positions)
+        self.on_trace(trace)
+
+    def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Check the placeholders; tell the language-model pruner about a fresh prompt."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.pruner is not None:
+            cache = kwargs.get("past_key_values")
+            if cache is None or cache.get_seq_length() == 0:
+                if input_ids is None:
+                    raise ValueError(f"method {self.config.method!r} needs input_ids to find the image tokens")
+                layout = prompt_layout(input_ids, kwargs.get("attention_mask"), self.image_token_id)
+                self.pruner.start_prefill(layout if layout.visual.any() else None)
+        self._check_placeholders(input_ids, kwargs)
+
+    def _check_placeholders(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> None:
+        """Explain a placeholder count that was made for the unpruned model before the model's own check fails."""
         if input_ids is None:
             return
         num_images = None
@@ -188,11 +242,11 @@ class LlavaFamily:
         if not num_images:
             return
         placeholders = int((input_ids == self.image_token_id).sum())
-        expected = num_images * self.tokens_per_image
+        expected = num_images * self.input_tokens_per_image
         if placeholders != expected and placeholders == num_images * self.stock_tokens_per_image:
             raise ValueError(
                 f"the prompt holds {self.stock_tokens_per_image} image tokens per image, but this model keeps "
-                f"{self.tokens_per_image}: build inputs with the processor passed to "
+                f"{self.input_tokens_per_image}: build inputs with the processor passed to "
                 "flowcut.apply(model, processor=processor, keep=...), which shrinks the placeholders to match"
             )
 
@@ -211,7 +265,7 @@ class LlavaFamily:
                 "this processor is already adapted by another FlowCut handle; give each pruned model its own "
                 "processor instance (copy.deepcopy(processor))"
             )
-        tokens = self.tokens_per_image
+        tokens = self.input_tokens_per_image
         stock_replace = processor.replace_image_token
         stock_counts = processor._get_num_multimodal_tokens
 

@@ -57,6 +57,13 @@ class Method:
     """One line for tables and ``--help``: what it keeps, and its source."""
     prunes: ClassVar[bool] = True
     """False only for the unpruned reference (``"none"``): the family runs its stock path."""
+    stage: ClassVar[str] = "encoder"
+    """``"encoder"``: :meth:`run` chooses the tokens handed to the language model. ``"language"``: every
+    token enters the language model and a decoder layer prunes them (``language_layer``, ``language_score``)."""
+    language_layer: ClassVar[int] = 1
+    """Language-stage methods: the decoder layer after which visual tokens are pruned."""
+    language_score: ClassVar[str] = "attention"
+    """Language-stage methods: a score of :data:`flowcut.core.language_stage.SCORES`."""
 
     def tokens_per_image(self, keep: int, num_patches: int) -> int:
         """Visual tokens per image that reach the language model."""

@@ -1,0 +1,226 @@
+"""Pruning visual tokens inside a decoder-only language model, after one decoder layer (prefill only).
+
+Layers up to ``layer`` see every token; the output of ``layer`` keeps the non-visual tokens and
+each image's best ``keep`` visual tokens (scored from that layer's own attention inputs, recorded
+through the attention seam); later layers see the shorter sequence. Generation stays consistent:
+the kept tokens keep their original rotary positions, the attention masks of later layers are cut
+to the kept columns, and the KV cache of every later layer simply holds the shorter prompt, while
+the cache length the model reads (layer 0's) still counts the full prompt so new tokens get the
+right positions. Everything is done with hooks on one model instance and removed by
+:meth:`DecoderPruner.remove`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flowcut.adapters.attention import RECORDING_ATTENTION, resolve_attention
+from flowcut.core.encoder_stage import AttentionRecorder
+from flowcut.core.language_stage import kept_positions, last_token_scores
+
+
+@dataclass
+class PromptLayout:
+    """What the pruner needs to know about one prefill: where the visual tokens and the last tokens are."""
+
+    visual: torch.Tensor
+    """``(B, L)``: visual-token positions."""
+    visible: torch.Tensor
+    """``(B, L)``: real (non-padding) positions."""
+    last_index: torch.Tensor
+    """``(B,)``: each row's last real position."""
+
+
+@dataclass
+class PrunedPrompt:
+    """The outcome of one prefill, kept for the decoding steps that continue it."""
+
+    positions: torch.Tensor
+    """``(B, L')`` prompt positions that later layers hold, ascending."""
+    prompt_length: int
+    cache: Any
+
+
+def prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int) -> PromptLayout:
+    """The layout of a prompt batch (left or right padding)."""
+    visible = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    length = input_ids.shape[1]
+    last_index = length - 1 - visible.flip(1).int().argmax(1)
+    return PromptLayout(input_ids == image_token_id, visible, last_index)
+
+
+class DecoderPruner:
+    """Installs language-model pruning on the decoder layers of one model instance."""
+
+    def __init__(
+        self,
+        decoder_layers: list[torch.nn.Module],
+        attention_config: Any,
+        eager_attention: Callable[..., Any],
+        layer: int,
+        keep: int,
+        tokens_per_image: int,
+        score: str,
+        on_prune: Callable[[torch.Tensor, torch.Tensor], None],
+    ) -> None:
+        if not 0 <= layer < len(decoder_layers) - 1:
+            raise ValueError(
+                f"language-model pruning after decoder layer {layer} needs a later layer; "
+                f"the model has {len(decoder_layers)}"
+            )
+        self.layers = decoder_layers
+        self.config = attention_config
+        self.eager_attention = eager_attention
+        self.layer = layer
+        self.keep = keep
+        self.tokens_per_image = tokens_per_image
+        self.score = score
+        self.on_prune = on_prune
+        self.layout: PromptLayout | None = None
+        self.pruned: PrunedPrompt | None = None
+        self._recorder: AttentionRecorder | None = None
+        self._implementation: str | None = None
+        self._handles: list[Any] = []
+
+    def install(self) -> None:
+        """Register the hooks."""
+        scoring = self.layers[self.layer]
+        self._handles = [
+            scoring.register_forward_pre_hook(self._before_scoring_layer, with_kwargs=True),
+            scoring.register_forward_hook(self._after_scoring_layer, always_call=True),
+        ]
+        for later in self.layers[self.layer + 1 :]:
+            self._handles.append(later.register_forward_pre_hook(self._before_later_layer, with_kwargs=True))
+
+    def remove(self) -> None:
+        """Remove every hook and forget the state."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.layout = self.pruned = None
+
+    def start_prefill(self, layout: PromptLayout | None) -> None:
+        """Called before a model pass over a fresh prompt (``None``: nothing to prune in it)."""
+        self.layout = layout
+        self.pruned = None
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def _before_scoring_layer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        if self.layout is None or hidden_states.shape[1] != self.layout.visual.shape[1]:
+            return None
+        if not self.layout.visual.any():
+            return None
+        self._implementation = self.config._attn_implementation
+        self._recorder = AttentionRecorder()
+        kwargs = dict(kwargs)
+        kwargs["flowcut_recorder"] = self._recorder
+        kwargs["flowcut_attention"] = resolve_attention(self._implementation, self.eager_attention)
+        # Only this layer's pass records: the switch is undone as soon as the layer returns.
+        self.config._attn_implementation = RECORDING_ATTENTION
+        return args, kwargs
+
+    def _after_scoring_layer(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        if self._recorder is None:
+            return None
+        self.config._attn_implementation = self._implementation
+        recorder, self._recorder = self._recorder, None
+        if isinstance(output, BaseException) or recorder.record is None:
+            return None
+        record = recorder.take()
+        layout = self.layout
+        scores = last_token_scores(
+            record.query,
+            record.key,
+            record.value,
+            record.scaling,
+            layout.last_index,
+            layout.visible,
+            layout.visual,
+            self.score,
+        )
+        positions = kept_positions(scores, layout.visual, self.tokens_per_image, self.keep)
+        hidden_states = output[0] if isinstance(output, tuple) else output
+        self.pruned = PrunedPrompt(positions, hidden_states.shape[1], None)
+        self.on_prune(positions, scores)
+        pruned = _gather(hidden_states, positions, dim=1)
+        return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
+
+    def _before_later_layer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        pruned = self.pruned
+        if pruned is None:
+            return None
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        cache = kwargs.get("past_key_values")
+        kwargs = dict(kwargs)
+        prefill = hidden_states.shape[1] == pruned.positions.shape[1] and _length(kwargs) == pruned.prompt_length
+        if prefill:
+            pruned.cache = cache
+            for name in ("position_ids", "position_embeddings"):
+                if kwargs.get(name) is not None:
+                    kwargs[name] = _gather_positions(kwargs[name], pruned.positions, pruned.prompt_length)
+            mask = kwargs.get("attention_mask")
+            if mask is not None:
+                kwargs["attention_mask"] = _cut_mask(mask, pruned.positions, pruned.prompt_length, rows_too=True)
+            return args, kwargs
+        if cache is None or cache is not pruned.cache:
+            raise RuntimeError(
+                "a pass continued a pruned prompt without its KV cache; language-model pruning supports "
+                "prefill followed by cached decoding (model.generate), or single passes"
+            )
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs["attention_mask"] = _cut_mask(mask, pruned.positions, pruned.prompt_length, rows_too=False)
+        return args, kwargs
+
+
+def _length(kwargs: dict) -> int | None:
+    """The sequence length the model prepared positions for (from its rotary embeddings or position ids)."""
+    embeddings = kwargs.get("position_embeddings")
+    if embeddings is not None:
+        return embeddings[0].shape[-2]
+    position_ids = kwargs.get("position_ids")
+    return None if position_ids is None else position_ids.shape[-1]
+
+
+def _gather(states: torch.Tensor, positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per row, the given positions along ``dim`` (the batch is dim 0)."""
+    shape = [positions.shape[0]] + [1] * (states.dim() - 1)
+    shape[dim] = positions.shape[1]
+    index = positions.view(shape).expand(*[s if i != dim else positions.shape[1] for i, s in enumerate(states.shape)])
+    return states.gather(dim, index.to(states.device))
+
+
+def _gather_positions(values: Any, positions: torch.Tensor, length: int) -> Any:
+    """Rotary embeddings ``(cos, sin)`` or position ids, cut to the kept positions (their original values)."""
+    if isinstance(values, tuple):
+        return tuple(_gather_positions(value, positions, length) for value in values)
+    batch = positions.shape[0]
+    if values.dim() == 3 and values.shape[-2] == length:  # (B or 1, L, d) rotary tables
+        return _gather(values.expand(batch, -1, -1), positions, dim=1)
+    if values.dim() == 2 and values.shape[-1] == length:  # (B or 1, L) position ids
+        return _gather(values.expand(batch, -1), positions, dim=1)
+    raise ValueError(f"cannot cut position tensor of shape {tuple(values.shape)} to the kept tokens")
+
+
+def _cut_mask(mask: torch.Tensor, positions: torch.Tensor, prompt_length: int, rows_too: bool) -> torch.Tensor:
+    """An attention mask restricted to the kept prompt columns (and rows, in the prefill) plus every later column."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"language-model pruning supports tensor attention masks, not {type(mask).__name__}")
+    total = mask.shape[-1]
+    later = torch.arange(prompt_length, total, device=positions.device).expand(positions.shape[0], -1)
+    columns = torch.cat([positions, later], dim=1)
+    if mask.dim() == 2:  # FlashAttention: (B, K) real-token mask
+        return _gather(mask, columns, dim=1)
+    if mask.dim() != 4:
+        raise ValueError(f"unexpected attention mask of shape {tuple(mask.shape)}")
+    mask = mask.expand(positions.shape[0], -1, -1, -1)
+    mask = _gather(mask, columns, dim=3)
+    if rows_too:
+        mask = _gather(mask, positions, dim=2)
+    return mask

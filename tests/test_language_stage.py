@@ -1,0 +1,158 @@
+"""Pruning inside the language model (FastV, and the stage FlowCut's two-stage models use):
+the score math by hand, exact budgets, equality with an independent attention computation, and
+generation that stays correct with the KV cache under padding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import flowcut
+from conftest import VISION_OPTIONS, make_image
+from flowcut.core.language_stage import kept_positions, last_token_scores
+from flowcut.tiny import build_tiny_llava
+
+KEEP = 16
+NUM_PATCHES = 144
+PROMPTS = ["USER: <image>\nwhat is the colour of the circle ? ASSISTANT:", "USER: <image>\nwhat ? ASSISTANT:"]
+
+
+def test_attention_score_is_the_probability_the_last_token_gives():
+    # One head, head_dim 1; positions [text, visual, visual, text(last)]; q_last = 1, keys 0, 1, 2, 0.
+    query = torch.tensor([0.0, 0.0, 0.0, 1.0]).view(1, 1, 4, 1)
+    key = torch.tensor([0.0, 1.0, 2.0, 0.0]).view(1, 1, 4, 1)
+    visual = torch.tensor([[False, True, True, False]])
+    visible = torch.ones(1, 4, dtype=torch.bool)
+    scores = last_token_scores(query, key, key, 1.0, torch.tensor([3]), visible, visual, "attention")
+    total = 2 + math.e + math.e**2
+    assert scores[0, 1:3].tolist() == pytest.approx([math.e / total, math.e**2 / total])
+    assert scores[0, 0] == scores[0, 3] == float("-inf")
+    hidden = last_token_scores(
+        query, key, key, 1.0, torch.tensor([3]), visible & ~torch.eye(4, dtype=torch.bool)[0], visual
+    )
+    assert hidden[0, 1].item() == pytest.approx(math.e / (1 + math.e + math.e**2))  # padding is not a key
+
+
+def test_grouped_query_heads_share_their_key_head():
+    query = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0]]).view(1, 2, 3, 1)  # two query heads
+    key = torch.tensor([0.0, 1.0, 0.0]).view(1, 1, 3, 1)  # one key/value head
+    visual = torch.tensor([[False, True, False]])
+    scores = last_token_scores(query, key, key, 1.0, torch.tensor([2]), torch.ones(1, 3, dtype=torch.bool), visual)
+    expected = (math.e / (2 + math.e) + math.exp(-1) / (2 + math.exp(-1))) / 2
+    assert scores[0, 1].item() == pytest.approx(expected)
+
+
+def test_flowcut_language_score_combines_relation_semantic_and_value_norm():
+    query = torch.tensor([0.0, 0.0, 0.0, 1.0]).view(1, 1, 4, 1)
+    key = torch.tensor([0.0, 1.0, 2.0, 0.0]).view(1, 1, 4, 1)
+    value = torch.tensor([5.0, 2.0, -1.0, 1.0]).view(1, 1, 4, 1)
+    visual = torch.tensor([[False, True, True, False]])
+    scores = last_token_scores(
+        query, key, value, 1.0, torch.tensor([3]), torch.ones(1, 4, dtype=torch.bool), visual, "flowcut"
+    )
+    relation = [math.e / (math.e + math.e**2), math.e**2 / (math.e + math.e**2)]  # softmax over visual only
+    semantic = [math.e**2 / (math.e**2 + math.e**-1), math.e**-1 / (math.e**2 + math.e**-1)]
+    assert scores[0, 1:3].tolist() == pytest.approx([(relation[0] + semantic[0]) * 2, (relation[1] + semantic[1]) * 1])
+    with pytest.raises(ValueError, match="unknown language-model score 'norm'; available: attention, flowcut"):
+        last_token_scores(query, key, value, 1.0, torch.tensor([3]), torch.ones(1, 4, dtype=torch.bool), visual, "norm")
+
+
+def test_kept_positions_keep_text_and_each_images_best():
+    visual = torch.tensor([[False, True, True, True, True, False]])
+    scores = torch.tensor([[0.0, 0.1, 0.9, 0.8, 0.2, 0.0]])
+    assert kept_positions(scores, visual, tokens_per_image=2, keep=1).tolist() == [[0, 2, 3, 5]]
+    with pytest.raises(ValueError, match="not a multiple of 3 per image"):
+        kept_positions(scores, visual, tokens_per_image=3, keep=1)
+    one_and_two_images = torch.tensor(
+        [[False, True, True, False, False, False], [False, True, True, True, True, False]]
+    )
+    with pytest.raises(ValueError, match="same number of images"):
+        kept_positions(torch.zeros(2, 6), one_and_two_images, tokens_per_image=2, keep=1)
+
+
+@pytest.fixture
+def deep():
+    """A tiny LLaVA whose language model has four layers (FastV needs layers after layer 1)."""
+    return build_tiny_llava(seed=0, text_layers=4, **VISION_OPTIONS)
+
+
+def _inputs(processor, count: int = 2):
+    images = [make_image(seed) for seed in range(count)]
+    return processor(images=images, text=PROMPTS[:count], return_tensors="pt", padding=True)
+
+
+def test_fastv_keeps_the_tokens_the_last_token_attends_to_in_layer_1(deep):
+    model, processor = deep
+    processor.tokenizer.padding_side = "left"
+    inputs = _inputs(processor)
+    model.config.text_config._attn_implementation = "eager"
+    with torch.no_grad():
+        stock = model(**inputs, output_attentions=True)
+    received = stock.attentions[1][:, :, -1].mean(1)  # layer 1, last token (left padding), head mean
+    handle = flowcut.apply(model, processor=processor, keep=KEEP, method="fastv")
+    with torch.no_grad():
+        pruned = model(**inputs)
+    visual = inputs.input_ids == model.config.image_token_id
+    for row in range(2):
+        positions = visual[row].nonzero().squeeze(1)
+        expected = sorted(received[row, positions].topk(KEEP).indices.tolist())
+        assert handle.last_trace.images[row].kept_indices.tolist() == expected
+    assert pruned.logits.shape[1] == inputs.input_ids.shape[1] - (NUM_PATCHES - KEEP)
+    assert handle.tokens_per_image == KEEP
+    assert torch.isfinite(pruned.logits).all()
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fastv_cached_generation_equals_recomputing_the_pruned_prompt(deep, implementation, side):
+    model, processor = deep
+    model.config.text_config._attn_implementation = implementation
+    processor.tokenizer.padding_side = side
+    inputs = _inputs(processor)
+    flowcut.apply(model, processor=processor, keep=KEEP, method="fastv")
+    # Recomputing appends after the prompt, which right padding would put after the pads: one step there.
+    steps = 4 if side == "left" else 1
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False)[:, inputs.input_ids.shape[1] :]
+        ids, mask = inputs.input_ids, inputs.attention_mask
+        for step in range(steps):
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=inputs.pixel_values, use_cache=False).logits
+            kept = flowcut.get_handle(model).last_trace.language_positions
+            last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
+            following = logits[torch.arange(2), (kept <= last[:, None]).sum(1) - 1].argmax(-1, keepdim=True)
+            assert torch.equal(following, generated[:, step : step + 1])
+            ids, mask = torch.cat([ids, following], 1), torch.cat([mask, torch.ones_like(following)], 1)
+
+
+def test_fastv_is_batch_invariant(deep):
+    model, processor = deep
+    processor.tokenizer.padding_side = "left"
+    inputs = _inputs(processor)
+    handle = flowcut.apply(model, processor=processor, keep=KEEP, method="fastv")
+    with torch.no_grad():
+        together = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, -3:]
+        kept_together = [image.kept_indices.tolist() for image in handle.last_trace.images]
+        alone = processor(images=make_image(1), text=PROMPTS[1], return_tensors="pt")
+        single = model.generate(**alone, max_new_tokens=3, do_sample=False)[:, -3:]
+    assert handle.last_trace.images[0].kept_indices.tolist() == kept_together[1]
+    assert torch.equal(single[0], together[1])
+
+
+def test_fastv_with_keep_at_or_above_every_token_is_the_stock_model(deep):
+    model, processor = deep
+    inputs = _inputs(processor, 1)
+    with torch.no_grad():
+        stock = model(**inputs).logits
+        with flowcut.apply(model, processor=processor, keep=NUM_PATCHES, method="fastv"):
+            assert torch.equal(model(**inputs).logits, stock)
+        # Removing the method restores the stock model exactly.
+        with flowcut.apply(model, processor=processor, keep=KEEP, method="fastv"):
+            assert model(**inputs).logits.shape[1] < stock.shape[1]
+        assert torch.equal(model(**inputs).logits, stock)
+
+
+def test_fastv_needs_layers_after_layer_1(tiny):
+    with pytest.raises(ValueError, match="after decoder layer 1 needs a later layer; the model has 2"):
+        flowcut.apply(tiny[0], keep=KEEP, method="fastv")
