@@ -67,6 +67,7 @@ def test_pool_averages_uniform_cells():
 
 def test_visionzip_splits_budgets_as_the_paper():
     assert [visionzip_split(keep) for keep in (64, 128, 192)] == [(54, 10), (108, 20), (162, 30)]
+    assert visionzip_split(16) == (13, 3)  # 2.5 contextual: halves round up
 
 
 def test_visionzip_keeps_cls_and_top_attended_patches_and_merges_the_rest_by_key():
@@ -85,24 +86,30 @@ def test_visionzip_keeps_cls_and_top_attended_patches_and_merges_the_rest_by_key
     assert tokens.shape == (5, 7)
 
 
-def test_visionzip_dominant_patches_follow_the_stock_cls_attention(tiny, images):
+def test_visionzip_on_the_model_equals_the_definition_on_stock_tensors(tiny, images):
     model, processor = tiny
     batch = pixels(processor, images)
     model.config.vision_config._attn_implementation = "eager"
     with torch.no_grad():
         stock = model.model.vision_tower(batch, output_attentions=True, output_hidden_states=True)
+        # The feature layer is layer -2; its keys come from its own input after its first layer norm.
+        layer = [m for m in model.model.vision_tower.modules() if type(m).__name__ == "CLIPEncoderLayer"][-2]
+        attention = layer.self_attn
+        keys = attention.k_proj(layer.layer_norm1(stock.hidden_states[-3]))
+        keys = keys.unflatten(-1, (attention.num_heads, attention.head_dim)).mean(dim=2)
     model.config.vision_config._attn_implementation = "sdpa"
-    cls_attention = stock.attentions[-2][:, :, 0, 1:].sum(dim=1)  # the feature layer is layer -2
+    cls_attention = stock.attentions[-2][:, :, 0].sum(dim=1)  # summed over heads
     handle = flowcut.apply(model, keep=KEEP, method="visionzip")
     with torch.no_grad():
         features = model.model.get_image_features(batch).pooler_output
-    dominant, _ = visionzip_split(KEEP)
-    for image, kept in enumerate(handle.last_trace.kept_indices):
-        assert features[image].shape[0] == KEEP and len(kept) == KEEP - 1
-        top = set(cls_attention[image].topk(dominant - 1).indices.tolist())
-        assert top <= set(kept.tolist())
-        projected_cls = model.model.multi_modal_projector(stock.hidden_states[-2][image, :1])
-        assert torch.allclose(features[image][:1], projected_cls, atol=1e-5)  # VisionZip hands CLS over
+        dominant, contextual = visionzip_split(KEEP)
+        for image in range(3):
+            tokens, top, targets = visionzip_tokens(
+                stock.hidden_states[-2][image], cls_attention[image], keys[image], dominant, contextual
+            )
+            assert torch.allclose(features[image], model.model.multi_modal_projector(tokens), atol=1e-4)
+            kept = handle.last_trace.kept_indices[image]
+            assert kept.tolist() == sorted(top.tolist() + targets.tolist()) and len(kept) == KEEP - 1
 
 
 # -- DivPrune -----------------------------------------------------------------------------------------

@@ -114,12 +114,19 @@ def test_fastv_cached_generation_equals_recomputing_the_pruned_prompt(deep, impl
     flowcut.apply(model, processor=processor, keep=KEEP, method="fastv")
     # Recomputing appends after the prompt, which right padding would put after the pads: one step there.
     steps = 4 if side == "left" else 1
+    handle = flowcut.get_handle(model)
+    length = inputs.input_ids.shape[1]
     with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False)[:, inputs.input_ids.shape[1] :]
+        generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False)[:, length:]
+        prefill_kept = handle.last_trace.language_positions
+        uncached = model.generate(**inputs, max_new_tokens=steps, do_sample=False, use_cache=False)[:, length:]
+        assert torch.equal(uncached, generated)
         ids, mask = inputs.input_ids, inputs.attention_mask
         for step in range(steps):
             logits = model(input_ids=ids, attention_mask=mask, pixel_values=inputs.pixel_values, use_cache=False).logits
-            kept = flowcut.get_handle(model).last_trace.language_positions
+            kept = handle.last_trace.language_positions
+            # The prompt is pruned once, from its own last token; generated tokens all continue.
+            assert torch.equal(kept, torch.cat([prefill_kept, torch.arange(length, length + step).expand(2, -1)], 1))
             last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
             following = logits[torch.arange(2), (kept <= last[:, None]).sum(1) - 1].argmax(-1, keepdim=True)
             assert torch.equal(following, generated[:, step : step + 1])
@@ -156,3 +163,24 @@ def test_fastv_with_keep_at_or_above_every_token_is_the_stock_model(deep):
 def test_fastv_needs_layers_after_layer_1(tiny):
     with pytest.raises(ValueError, match="after decoder layer 1 needs a later layer; the model has 2"):
         flowcut.apply(tiny[0], keep=KEEP, method="fastv")
+
+
+def test_the_delegated_attention_sees_its_own_implementation_name():
+    # FlashAttention reads its name from the module's config; the recording pass must not hide it.
+    from types import SimpleNamespace
+
+    from flowcut.adapters.attention import RECORDING_ATTENTION, _recording_attention
+
+    module = SimpleNamespace(config=SimpleNamespace(_attn_implementation=RECORDING_ATTENTION))
+    seen = []
+
+    def delegated(module, *args, **kwargs):
+        seen.append(module.config._attn_implementation)
+        return "output"
+
+    query = torch.zeros(1, 1, 2, 4)
+    result = _recording_attention(
+        module, query, query, query, None, flowcut_attention=delegated, flowcut_implementation="flash_attention_2"
+    )
+    assert result == "output" and seen == ["flash_attention_2"]
+    assert module.config._attn_implementation == RECORDING_ATTENTION

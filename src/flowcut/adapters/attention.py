@@ -32,6 +32,7 @@ def _recording_attention(
     *args: Any,
     flowcut_recorder: AttentionRecorder | None = None,
     flowcut_attention: Callable[..., Any] | None = None,
+    flowcut_implementation: str | None = None,
     **kwargs: Any,
 ) -> Any:
     if flowcut_attention is None:
@@ -43,7 +44,15 @@ def _recording_attention(
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         flowcut_recorder.capture(query, key, value, scaling)
-    return flowcut_attention(module, query, key, value, attention_mask, *args, **kwargs)
+    config = getattr(module, "config", None)
+    if flowcut_implementation is None or config is None:
+        return flowcut_attention(module, query, key, value, attention_mask, *args, **kwargs)
+    # Implementations that read their own name from the config (FlashAttention does) must see it.
+    recording, config._attn_implementation = config._attn_implementation, flowcut_implementation
+    try:
+        return flowcut_attention(module, query, key, value, attention_mask, *args, **kwargs)
+    finally:
+        config._attn_implementation = recording
 
 
 AttentionInterface.register(RECORDING_ATTENTION, _recording_attention)

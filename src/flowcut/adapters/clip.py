@@ -73,7 +73,13 @@ class ClipEncoderAdapter:
         if self._attention is None:
             raise RuntimeError("run_layer must be called inside ClipEncoderAdapter.session()")
         mask = None if alive is None else key_padding_mask(alive, self._implementation, hidden_states.dtype)
-        return self.layers[index](hidden_states, mask, flowcut_recorder=recorder, flowcut_attention=self._attention)
+        return self.layers[index](
+            hidden_states,
+            mask,
+            flowcut_recorder=recorder,
+            flowcut_attention=self._attention,
+            flowcut_implementation=self._implementation,
+        )
 
     def criteria(self, record: AttentionRecord, alive: torch.Tensor | None) -> CriteriaScores:
         """CLS-view criteria (SPEC §2 steps 1–3)."""

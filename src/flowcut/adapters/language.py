@@ -43,6 +43,12 @@ class PrunedPrompt:
     """``(B, L')`` prompt positions that later layers hold, ascending."""
     prompt_length: int
     cache: Any
+    visual: torch.Tensor
+    """``(B, prompt_length)``: visual-token positions of the prompt."""
+    input_ids: torch.Tensor | None = None
+    """The prompt that was scored, to recognise an uncached pass that continues it."""
+    scored_positions: torch.Tensor | None = None
+    """The kept positions of that scored prompt (``positions`` grows when a pass continues it)."""
 
 
 def prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int) -> PromptLayout:
@@ -85,6 +91,8 @@ class DecoderPruner:
         self._recorder: AttentionRecorder | None = None
         self._implementation: str | None = None
         self._handles: list[Any] = []
+        self._pinned: PrunedPrompt | None = None
+        self._prompt_ids: torch.Tensor | None = None
 
     def install(self) -> None:
         """Register the hooks."""
@@ -103,9 +111,32 @@ class DecoderPruner:
         self._handles = []
         self.layout = self.pruned = None
 
-    def start_prefill(self, layout: PromptLayout | None) -> None:
-        """Called before a model pass over a fresh prompt (``None``: nothing to prune in it)."""
+    def start_prefill(self, layout: PromptLayout | None, input_ids: torch.Tensor | None = None) -> None:
+        """Called before a model pass without a filled cache (``layout=None``: nothing to prune in it).
+
+        A pass that continues the last pruned prompt without its cache (``generate(use_cache=False)``,
+        or recomputing prompt + generated tokens) keeps that prompt's tokens: the prompt is pruned
+        once, from its own last token, as it is with the cache.
+        """
+        previous = self.pruned
+        scored = None if previous is None else previous.input_ids
+        if (
+            layout is not None
+            and input_ids is not None
+            and scored is not None
+            and input_ids.shape[0] == scored.shape[0]
+            and input_ids.shape[1] > scored.shape[1]
+            and torch.equal(input_ids[:, : scored.shape[1]], scored.to(input_ids.device))
+        ):
+            base = previous.scored_positions
+            added = torch.arange(scored.shape[1], input_ids.shape[1], device=base.device)
+            positions = torch.cat([base, added.expand(input_ids.shape[0], -1)], dim=1)
+            pinned = PrunedPrompt(positions, input_ids.shape[1], None, layout.visual, scored, base)
+            self.layout, self._pinned, self.pruned = None, pinned, None
+            return
         self.layout = layout
+        self._pinned = None
+        self._prompt_ids = input_ids
         self.pruned = None
 
     # -- hooks ----------------------------------------------------------------------------------
@@ -121,11 +152,20 @@ class DecoderPruner:
         kwargs = dict(kwargs)
         kwargs["flowcut_recorder"] = self._recorder
         kwargs["flowcut_attention"] = resolve_attention(self._implementation, self.eager_attention)
+        kwargs["flowcut_implementation"] = self._implementation
         # Only this layer's pass records: the switch is undone as soon as the layer returns.
         self.config._attn_implementation = RECORDING_ATTENTION
         return args, kwargs
 
     def _after_scoring_layer(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        pinned = self._pinned
+        if pinned is not None and not isinstance(output, BaseException):
+            hidden_states = output[0] if isinstance(output, tuple) else output
+            if hidden_states.shape[1] == pinned.prompt_length:
+                self._pinned, self.pruned = None, pinned
+                self.on_prune(pinned.positions, pinned.visual)
+                pruned = _gather(hidden_states, pinned.positions, dim=1)
+                return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
         if self._recorder is None:
             return None
         self.config._attn_implementation = self._implementation
@@ -146,8 +186,11 @@ class DecoderPruner:
         )
         positions = kept_positions(scores, layout.visual, self.tokens_per_image, self.keep)
         hidden_states = output[0] if isinstance(output, tuple) else output
-        self.pruned = PrunedPrompt(positions, hidden_states.shape[1], None)
-        self.on_prune(positions, scores)
+        self.pruned = PrunedPrompt(
+            positions, hidden_states.shape[1], None, layout.visual, self._prompt_ids, scored_positions=positions
+        )
+        self.layout = None  # used once: a later pass must not be pruned by this prompt's layout
+        self.on_prune(positions, layout.visual)
         pruned = _gather(hidden_states, positions, dim=1)
         return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
 

@@ -201,13 +201,12 @@ class LlavaFamily:
         )
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
-    def _language_trace(self, positions: torch.Tensor, scores: torch.Tensor) -> None:
+    def _language_trace(self, positions: torch.Tensor, visual: torch.Tensor) -> None:
         """Trace of a language-model prune: each image's kept visual tokens as patch indices."""
-        layout = self.pruner.layout
         num_patches = self.encoder.num_patches
         layers = self._feature_layer + 1
         images = []
-        for row_positions, row_visual in zip(positions, layout.visual, strict=True):
+        for row_positions, row_visual in zip(positions, visual, strict=True):
             kept = torch.zeros_like(row_visual)
             kept[row_positions] = True
             for image in row_visual.nonzero().squeeze(1).split(num_patches):
@@ -221,11 +220,16 @@ class LlavaFamily:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if self.pruner is not None:
             cache = kwargs.get("past_key_values")
+            if getattr(cache, "is_compileable", False):
+                raise ValueError(
+                    f"method {self.config.method!r} prunes inside the language model and needs a dynamic KV cache; "
+                    "static (compileable) caches keep the full prompt length"
+                )
             if cache is None or cache.get_seq_length() == 0:
                 if input_ids is None:
                     raise ValueError(f"method {self.config.method!r} needs input_ids to find the image tokens")
                 layout = prompt_layout(input_ids, kwargs.get("attention_mask"), self.image_token_id)
-                self.pruner.start_prefill(layout if layout.visual.any() else None)
+                self.pruner.start_prefill(layout if layout.visual.any() else None, input_ids)
         self._check_placeholders(input_ids, kwargs)
 
     def _check_placeholders(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> None:

@@ -40,7 +40,11 @@ def cell_centres(grid_size: tuple[int, int], cells: tuple[int, int]) -> torch.Te
 
 
 def pool_patches(patches: torch.Tensor, grid_size: tuple[int, int], cells: tuple[int, int]) -> torch.Tensor:
-    """``(B, N, D)`` row-major patches averaged over uniform cells: ``(B, cells, D)``, row-major."""
+    """``(B, N, D)`` row-major patches averaged over cells: ``(B, cells, D)``, row-major.
+
+    Cells are ``adaptive_avg_pool2d``'s windows: uniform where the grid divides evenly, otherwise
+    neighbouring cells share a row or column of patches (e.g. 8×16 cells on a 24×24 grid).
+    """
     batch, _, dim = patches.shape
     as_grid = patches.transpose(1, 2).reshape(batch, dim, *grid_size)
     return torch.nn.functional.adaptive_avg_pool2d(as_grid, cells).flatten(2).transpose(1, 2)

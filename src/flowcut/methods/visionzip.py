@@ -14,8 +14,11 @@ from flowcut.methods import EncoderCall, Method, MethodOutput, register, run_to_
 
 
 def visionzip_split(keep: int) -> tuple[int, int]:
-    """``(dominant, contextual)`` tokens for a budget; the paper's 54+10, 108+20, 162+30 scaled to any keep."""
-    contextual = round(keep * 10 / 64)
+    """``(dominant, contextual)`` tokens for a budget; the paper's 54+10, 108+20, 162+30 scaled to any keep.
+
+    Halves round up (keep 16: 13 + 3).
+    """
+    contextual = int(keep * 10 / 64 + 0.5)
     return keep - contextual, contextual
 
 
