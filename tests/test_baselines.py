@@ -172,3 +172,16 @@ def test_none_is_the_stock_model_whatever_keep_says(tiny, images):
         with torch.no_grad():
             assert torch.equal(model(**pruned_inputs).logits, stock)
         assert handle.last_trace.keep == NUM_PATCHES and len(handle.last_trace.kept_indices[0]) == NUM_PATCHES
+
+
+@pytest.mark.parametrize("method", ["flowcut", "visionzip", "divprune", "random", "pool"])
+def test_keeping_every_patch_is_the_stock_model(tiny, images, method):
+    model, processor = tiny
+    inputs = processor(images=images[1], text=PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        stock = model(**inputs).logits
+        with flowcut.apply(model, processor=processor, keep=NUM_PATCHES, method=method) as handle:
+            pruned_inputs = processor(images=images[1], text=PROMPT, return_tensors="pt")
+            assert torch.equal(pruned_inputs.input_ids, inputs.input_ids)
+            assert torch.equal(model(**pruned_inputs).logits, stock)
+            assert handle.tokens_per_image == NUM_PATCHES
