@@ -1,0 +1,123 @@
+"""Analytic FLOPs of a LLaVA-style prefill, in the paper's convention (the efficiency benchmark's yardstick).
+
+Convention: 2 FLOPs per multiply-add; matrix products only (norms, activations, softmax and
+biases are not counted); the vision encoder is counted layer by layer with the tokens each layer
+really processes (so progressive pruning is credited layer by layer); attention scores and the
+weighted sum are counted over the full square of tokens; the language model's feed-forward has
+three matrices (gate, up, down) and its head is counted for ``head_tokens`` positions (1 in
+``generate``'s prefill, every position in a plain forward). The prompt length is part of the
+result, never implied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """A CLIP-style ViT: patch embedding, then ``layers`` pre-norm blocks with a two-matrix MLP."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    patch_size: int
+    num_patches: int
+    channels: int = 3
+
+
+@dataclass(frozen=True)
+class TextShape:
+    """A Llama-style decoder with grouped-query attention and a gated (three-matrix) feed-forward."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+
+@dataclass(frozen=True)
+class PrefillFlops:
+    """FLOPs of one prefill, by part."""
+
+    vision: int
+    projector: int
+    language: int
+
+    @property
+    def total(self) -> int:
+        """All parts together."""
+        return self.vision + self.projector + self.language
+
+
+def vision_layer_flops(shape: VisionShape, tokens: int) -> int:
+    """One encoder layer over ``tokens`` tokens (CLS included)."""
+    projections = 4 * tokens * shape.hidden * shape.hidden  # q, k, v, out
+    attention = 2 * tokens * tokens * shape.hidden  # scores and weighted sum
+    mlp = 2 * tokens * shape.hidden * shape.intermediate
+    return 2 * (projections + attention + mlp)
+
+
+def vision_flops(shape: VisionShape, tokens_per_layer: Sequence[int]) -> int:
+    """The patch embedding plus every layer that runs, each over its live tokens (CLS added to each count)."""
+    embedding = 2 * shape.num_patches * shape.channels * shape.patch_size**2 * shape.hidden
+    return embedding + sum(vision_layer_flops(shape, patches + 1) for patches in tokens_per_layer)
+
+
+def scoring_flops(hidden: int, scored_tokens: Sequence[int]) -> int:
+    """FlowCut's own score matrix products: the CLS row of attention and of value similarity per scored layer.
+
+    ``scored_tokens``: the patch count of each scored layer (CLS is added); each costs two
+    ``1 × tokens × hidden`` products. Everything else in the score is elementwise.
+    """
+    return sum(2 * 2 * (patches + 1) * hidden for patches in scored_tokens)
+
+
+def projector_flops(vision_hidden: int, text_hidden: int, tokens: int) -> int:
+    """LLaVA's two-layer MLP projector over ``tokens`` visual tokens."""
+    return 2 * tokens * (vision_hidden * text_hidden + text_hidden * text_hidden)
+
+
+def text_layer_flops(shape: TextShape, tokens: int) -> int:
+    """One decoder layer over ``tokens`` tokens."""
+    head_dim = shape.hidden // shape.heads
+    projections = tokens * shape.hidden * (2 * shape.hidden + 2 * shape.kv_heads * head_dim)
+    attention = 2 * tokens * tokens * shape.hidden
+    mlp = 3 * tokens * shape.hidden * shape.intermediate
+    return 2 * (projections + attention + mlp)
+
+
+def text_flops(shape: TextShape, tokens_per_layer: Sequence[int], head_tokens: int = 1) -> int:
+    """Every decoder layer over its tokens, plus the output head over ``head_tokens`` positions."""
+    if len(tokens_per_layer) != shape.layers:
+        raise ValueError(f"give one token count per decoder layer ({shape.layers}), got {len(tokens_per_layer)}")
+    head = 2 * head_tokens * shape.hidden * shape.vocab
+    return sum(text_layer_flops(shape, tokens) for tokens in tokens_per_layer) + head
+
+
+def prefill_flops(
+    vision: VisionShape,
+    text: TextShape,
+    vision_tokens_per_layer: Sequence[int],
+    visual_tokens: int,
+    prompt_tokens: int,
+    language_tokens_per_layer: Sequence[int] | None = None,
+    head_tokens: int = 1,
+) -> PrefillFlops:
+    """FLOPs of one image's prefill.
+
+    ``vision_tokens_per_layer``: patches each executed encoder layer processed (a pruning trace's
+    ``tokens_per_layer``); ``visual_tokens``: visual tokens entering the language model;
+    ``prompt_tokens``: the text tokens around them. ``language_tokens_per_layer`` overrides the
+    sequence length per decoder layer (pruning inside the language model).
+    """
+    sequence = visual_tokens + prompt_tokens
+    per_layer = list(language_tokens_per_layer) if language_tokens_per_layer is not None else [sequence] * text.layers
+    return PrefillFlops(
+        vision=vision_flops(vision, vision_tokens_per_layer),
+        projector=projector_flops(vision.hidden, text.hidden, visual_tokens),
+        language=text_flops(text, per_layer, head_tokens),
+    )

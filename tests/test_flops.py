@@ -1,0 +1,85 @@
+"""Analytic prefill FLOPs equal torch's FLOP counter on eager-attention models, stock and pruned."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import flowcut
+from conftest import make_image
+from flowcut.bench.flops import TextShape, VisionShape, prefill_flops, scoring_flops, vision_layer_flops
+from flowcut.tiny import build_tiny_llava
+
+PROMPT = "USER: <image>\nwhat colour is the circle ? ASSISTANT:"
+
+
+def test_layer_flops_by_hand():
+    shape = VisionShape(hidden=4, intermediate=8, layers=1, patch_size=2, num_patches=4)
+    # 3 tokens: projections 4·3·16, attention 2·9·4, MLP 2·3·4·8 multiply-adds, two FLOPs each.
+    assert vision_layer_flops(shape, 3) == 2 * (192 + 72 + 192)
+    assert scoring_flops(4, [2, 1]) == 4 * 3 * 4 + 4 * 2 * 4
+
+
+@pytest.fixture
+def eager():
+    model, processor = build_tiny_llava(seed=0, vision_layers=8, text_layers=3, initializer_factor=6.0)
+    model.config.vision_config._attn_implementation = "eager"
+    model.config.text_config._attn_implementation = "eager"
+    config = model.config
+    vision = config.vision_config
+    text = config.text_config
+    shapes = (
+        VisionShape(
+            vision.hidden_size,
+            vision.intermediate_size,
+            vision.num_hidden_layers,
+            vision.patch_size,
+            (vision.image_size // vision.patch_size) ** 2,
+        ),
+        TextShape(
+            text.hidden_size,
+            text.intermediate_size,
+            text.num_hidden_layers,
+            text.num_attention_heads,
+            text.num_key_value_heads,
+            text.vocab_size,
+        ),
+    )
+    return model, processor, shapes
+
+
+def _counted(model, inputs) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(**inputs)
+    return counter.get_total_flops()
+
+
+def test_stock_prefill_matches_the_flop_counter(eager):
+    model, processor, (vision, text) = eager
+    inputs = processor(images=make_image(0), text=PROMPT, return_tensors="pt")
+    length = inputs.input_ids.shape[1]
+    visual = vision.num_patches
+    # The stock LLaVA path runs every encoder layer, the one after the feature layer included.
+    expected = prefill_flops(vision, text, [visual] * vision.layers, visual, length - visual, head_tokens=length)
+    assert _counted(model, inputs) == expected.total
+
+
+def test_flowcut_prefill_matches_the_flop_counter(eager):
+    model, processor, (vision, text) = eager
+    handle = flowcut.apply(model, processor=processor, keep=16)
+    inputs = processor(images=make_image(0), text=PROMPT, return_tensors="pt")
+    counted = _counted(model, inputs)
+    record = handle.last_trace.images[0]
+    assert len(set(record.tokens_per_layer)) > 2  # progressive: several live counts
+    length = inputs.input_ids.shape[1]
+    expected = prefill_flops(vision, text, record.tokens_per_layer, 16, length - 16, head_tokens=length)
+    scored = [
+        tokens
+        for tokens, ratio in zip(record.tokens_per_layer, record.entropy_ratios, strict=True)
+        if ratio is not None
+    ]
+    assert counted == expected.total + scoring_flops(vision.hidden, scored)
+    stock_layers = [vision.num_patches] * vision.layers
+    stock = prefill_flops(vision, text, stock_layers, vision.num_patches, length - 16, head_tokens=length)
+    assert expected.total < stock.total / 2
