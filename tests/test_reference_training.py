@@ -13,13 +13,16 @@ from transformers import LlavaForConditionalGeneration
 from flowcut.data.shapes import ShapeObject, make_conversation, make_scene
 from flowcut.reference.train import (
     PAIRS,
+    Recipe,
     SceneHead,
     _learning_rate,
     answer_labels,
+    build_untrained,
     conversation_text,
     main,
     scene_loss,
     scene_targets,
+    sincos_positions,
 )
 
 
@@ -97,3 +100,28 @@ def test_scene_loss_ignores_the_places_of_absent_pairs():
     assert scene_loss(predicted, targets).item() == pytest.approx(loss.item())
     predicted["places"][0, targets["presence"][0].argmax()] = 100.0
     assert scene_loss(predicted, targets).item() > loss.item() + 100
+
+
+def test_sincos_position_table_by_hand():
+    # 2×2 grid, width 4 (one frequency, 1): patch 1 is row 0, column 1; patch 2 is row 1, column 0.
+    table = sincos_positions(2, 4)
+    s, c = float(torch.tensor(1.0).sin()), float(torch.tensor(1.0).cos())
+    expected = torch.tensor([[0, 1, 0, 1], [s, c, 0, 1], [0, 1, s, c], [s, c, s, c]])
+    assert torch.allclose(table, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_positions(2, 6)
+
+
+def _position_table(model) -> torch.Tensor:
+    embeddings = next(m for m in model.modules() if type(m).__name__ == "CLIPVisionEmbeddings")
+    return embeddings.position_embedding.weight
+
+
+def test_position_init_option():
+    small = {"vision_layers": 1, "text_layers": 1, "vision_hidden": 32, "text_hidden": 32}
+    model, _ = build_untrained(Recipe(position_init="sincos", position_scale=0.5, **small))
+    assert torch.equal(_position_table(model)[1:], sincos_positions(24, 32) * 0.5)
+    default, _ = build_untrained(Recipe(**small))
+    assert not torch.equal(_position_table(default)[1:], sincos_positions(24, 32) * 0.5)  # the bundled recipe
+    with pytest.raises(ValueError, match="unknown position_init 'learned'"):
+        build_untrained(Recipe(position_init="learned", **small))

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 
 from flowcut.data.shapes import (
     COLOURS,
@@ -79,6 +80,10 @@ class Recipe:
     warmup_steps: int = 100
     weight_decay: float = 0.05
     threads: int = 2
+    position_init: str = "random"
+    """Patch position embeddings at the start: ``"random"`` (CLIP's init; the bundled model) or ``"sincos"``
+    (a 2-D sine-cosine table times ``position_scale``, which lets CLS learn where objects are)."""
+    position_scale: float = 0.5
 
     def model_options(self) -> dict[str, int]:
         """Keyword arguments of :func:`flowcut.tiny.build_tiny_llava` for this architecture."""
@@ -100,7 +105,30 @@ def build_untrained(recipe: Recipe) -> tuple[LlavaForConditionalGeneration, Llav
     model, processor = build_tiny_llava(
         seed=recipe.seed, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, **recipe.model_options()
     )
+    if recipe.position_init not in ("random", "sincos"):
+        raise ValueError(f"unknown position_init {recipe.position_init!r}; available: random, sincos")
+    if recipe.position_init == "sincos":
+        tower = model.model.vision_tower
+        embedding = next(m for m in tower.modules() if isinstance(m, CLIPVisionEmbeddings)).position_embedding
+        table = sincos_positions(IMAGE_SIZE // PATCH_SIZE, embedding.embedding_dim) * recipe.position_scale
+        with torch.no_grad():
+            embedding.weight[1:] = table  # row 0 is CLS
     return model.train(), processor
+
+
+def sincos_positions(grid: int, dim: int) -> torch.Tensor:
+    """A 2-D sine-cosine table ``(grid², dim)``, row-major: quarters sin(x·f), cos(x·f), sin(y·f), cos(y·f).
+
+    Frequencies ``f_i = 100^(−i/(dim/4))``; ``dim`` must be a multiple of 4.
+    """
+    if dim % 4:
+        raise ValueError(f"the sine-cosine table needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    frequencies = 100.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, columns = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    x = columns.flatten()[:, None].double() * frequencies
+    y = rows.flatten()[:, None].double() * frequencies
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).float()
 
 
 def _learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
