@@ -349,6 +349,56 @@ def viz(
     report.print(f"wrote {output}")
 
 
+@app.command()
+def bench(
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    image: Annotated[Path | None, typer.Option(help="Image (default: shapes-VQA test image 1).")] = None,
+    prompt: Annotated[str, typer.Option(help="Question asked in every round.")] = "what colour is the square ?",
+    methods: Annotated[str, typer.Option(help=f"Comma-separated, from: {', '.join(METHODS)}.")] = (
+        "flowcut,visionzip,fastv,divprune,random"
+    ),
+    budgets: Annotated[str, typer.Option(help="Comma-separated visual-token budgets per image.")] = "64",
+    rounds: Annotated[int, typer.Option(help="Measured rounds (each setting once per round, interleaved).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Unrecorded rounds first.")] = 1,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per round.")] = 8,
+    output: Annotated[Path, typer.Option(help="Directory for bench.md and bench.json.")] = Path("bench-results"),
+    device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda', 'cuda:1', …")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="'auto' (float16 on GPU, float32 on CPU), float32, float16, bfloat16.")
+    ] = "auto",
+) -> None:
+    """Time the encoder, prefill and generation of every method against the unpruned model, with FLOPs."""
+    import json
+
+    from flowcut.bench.run import BenchSetting, benchmark, environment, to_dict, to_markdown
+    from flowcut.data.shapes import make_sample
+
+    names = [name.strip() for name in methods.split(",") if name.strip()]
+    keeps = _int_list(budgets, "budgets")
+    try:
+        settings = [BenchSetting(None)] + [
+            BenchSetting(name, FlowCutConfig(keep=keep, method=name).keep) for name in names for keep in keeps
+        ]
+    except (TypeError, ValueError) as error:
+        _fail(str(error))
+    picture = _open_image(image) if image is not None else make_sample("test", 1).image
+    device, dtype = _resolve_device_dtype(device, dtype)
+    loaded_model, processor = load_model(_model_source(model), device, dtype)
+    try:
+        results = benchmark(
+            loaded_model, processor, picture, prompt, settings, rounds=rounds, warmup=warmup, new_tokens=new_tokens
+        )
+    except (TypeError, ValueError) as error:
+        _fail(str(error))
+    env = environment(loaded_model)
+    output.mkdir(parents=True, exist_ok=True)
+    table = to_markdown(results, env)
+    (output / "bench.md").write_text(table)
+    (output / "bench.json").write_text(json.dumps(to_dict(results, env), indent=1) + "\n")
+    report.print(table, markup=False)
+    report.print(f"wrote {output / 'bench.md'}, {output / 'bench.json'}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -176,7 +176,10 @@ class LlavaFamily:
             every_patch = torch.arange(self.encoder.num_patches)
             images = [
                 ImageTrace(
-                    every_patch, [self.encoder.num_patches] * (feature_layer + 1), [], [None] * (feature_layer + 1)
+                    every_patch,
+                    [self.encoder.num_patches] * self.encoder.num_layers,
+                    [],
+                    [None] * self.encoder.num_layers,
                 )
                 for _ in range(batch_size)
             ]
@@ -204,7 +207,7 @@ class LlavaFamily:
     def _language_trace(self, positions: torch.Tensor, visual: torch.Tensor) -> None:
         """Trace of a language-model prune: each image's kept visual tokens as patch indices."""
         num_patches = self.encoder.num_patches
-        layers = self._feature_layer + 1
+        layers = self.encoder.num_layers  # the stock encoder path runs every layer
         images = []
         for row_positions, row_visual in zip(positions, visual, strict=True):
             kept = torch.zeros_like(row_visual)

@@ -1,0 +1,82 @@
+"""The efficiency benchmark on a tiny model: interleaved rounds, exact KV-cache bytes and FLOPs, CLI files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_image
+from flowcut.bench.flops import prefill_flops
+from flowcut.bench.run import BenchSetting, benchmark, environment, model_shapes, to_markdown
+from flowcut.cli import app
+from flowcut.tiny import build_tiny_llava, save_tiny_llava
+
+KEEP = 16
+
+
+def test_benchmark_measures_every_setting_each_round(tiny):
+    model, processor = tiny
+    settings = [BenchSetting(None), BenchSetting("flowcut", KEEP), BenchSetting("random", KEEP)]
+    rounds_done = []
+    results = benchmark(
+        model,
+        processor,
+        make_image(0),
+        "what ?",
+        settings,
+        rounds=2,
+        warmup=1,
+        new_tokens=3,
+        on_round=rounds_done.append,
+    )
+    assert rounds_done == [1, 2]
+    assert [result.setting.label for result in results] == ["unpruned", "flowcut@16", "random@16"]
+    assert all(len(result.timings.prefill) == len(result.timings.generate) == 2 for result in results)
+    unpruned, pruned, _ = results
+    text = model.config.text_config
+    per_token = (
+        2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
+    )
+    assert unpruned.kv_cache_bytes - pruned.kv_cache_bytes == (144 - KEEP) * per_token
+    vision, language = model_shapes(model)
+    prompt = unpruned.prompt_tokens
+    assert unpruned.flops == prefill_flops(vision, language, [144] * vision.layers, 144, prompt)
+    assert pruned.visual_tokens == KEEP and pruned.flops.total < unpruned.flops.total
+    table = to_markdown(results, environment(model))
+    assert "| flowcut@16 | 16 |" in table and "threads" in table
+
+
+def test_benchmark_refuses_impossible_settings_before_measuring(tiny):
+    model, processor = tiny
+    with pytest.raises(ValueError, match="needs a later layer"):
+        benchmark(model, processor, make_image(0), "what ?", [BenchSetting(None), BenchSetting("fastv", KEEP)])
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        benchmark(model, processor, make_image(0), "what ?", [BenchSetting(None)], rounds=0)
+
+
+def test_fastv_prefill_flops_count_the_shorter_later_layers(tmp_path):
+    model, processor = build_tiny_llava(seed=0, text_layers=4)
+    settings = [BenchSetting(None), BenchSetting("fastv", KEEP)]
+    unpruned, fastv = benchmark(model, processor, make_image(1), "what ?", settings, rounds=1, warmup=0, new_tokens=2)
+    vision, language = model_shapes(model)
+    length = unpruned.prompt_tokens + 144
+    expected = prefill_flops(
+        vision, language, [144] * vision.layers, 144, unpruned.prompt_tokens, [length] * 2 + [length - 128] * 2
+    )
+    assert fastv.flops == expected
+
+
+def test_cli_bench_writes_markdown_and_json(tmp_path):
+    save_tiny_llava(tmp_path / "model", seed=0)
+    make_image(0).save(tmp_path / "image.png")
+    arguments = ["bench", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "image.png")]
+    options = ["--methods", "flowcut,random", "--budgets", "16", "--rounds", "1", "--warmup", "0"]
+    result = CliRunner().invoke(app, [*arguments, *options, "--new-tokens", "2", "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert [row["label"] for row in data["results"]] == ["unpruned", "flowcut@16", "random@16"]
+    assert data["environment"]["threads"] >= 1 and (tmp_path / "out" / "bench.md").exists()
+    bad = CliRunner().invoke(app, [*arguments, "--methods", "fastvv", "--output", str(tmp_path / "out")])
+    assert bad.exit_code == 2 and "unknown method 'fastvv'" in bad.output
