@@ -78,5 +78,6 @@ def test_cli_bench_writes_markdown_and_json(tmp_path):
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert [row["label"] for row in data["results"]] == ["unpruned", "flowcut@16", "random@16"]
     assert data["environment"]["threads"] >= 1 and (tmp_path / "out" / "bench.md").exists()
+    assert (tmp_path / "out" / "bench.png").stat().st_size > 1000
     bad = CliRunner().invoke(app, [*arguments, "--methods", "fastvv", "--output", str(tmp_path / "out")])
     assert bad.exit_code == 2 and "unknown method 'fastvv'" in bad.output

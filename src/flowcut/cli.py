@@ -361,7 +361,10 @@ def bench(
     rounds: Annotated[int, typer.Option(help="Measured rounds (each setting once per round, interleaved).")] = 5,
     warmup: Annotated[int, typer.Option(help="Unrecorded rounds first.")] = 1,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per round.")] = 8,
-    output: Annotated[Path, typer.Option(help="Directory for bench.md and bench.json.")] = Path("bench-results"),
+    output: Annotated[Path, typer.Option(help="Directory for bench.md, bench.json and bench.png.")] = Path(
+        "bench-results"
+    ),
+    plot: Annotated[bool, typer.Option(help="Write the speed-up plot (needs matplotlib).")] = True,
     device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda', 'cuda:1', …")] = "auto",
     dtype: Annotated[
         str, typer.Option(help="'auto' (float16 on GPU, float32 on CPU), float32, float16, bfloat16.")
@@ -371,8 +374,14 @@ def bench(
     import json
 
     from flowcut.bench.run import BenchSetting, benchmark, environment, to_dict, to_markdown
+    from flowcut.bench.run import plot as plot_speedups
     from flowcut.data.shapes import make_sample
 
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            _fail("the plot needs matplotlib: pip install 'flowcut-vlm[plot]', or pass --no-plot")
     names = [name.strip() for name in methods.split(",") if name.strip()]
     keeps = _int_list(budgets, "budgets")
     try:
@@ -395,8 +404,11 @@ def bench(
     table = to_markdown(results, env)
     (output / "bench.md").write_text(table)
     (output / "bench.json").write_text(json.dumps(to_dict(results, env), indent=1) + "\n")
+    written = [output / "bench.md", output / "bench.json"]
+    if plot:
+        written.append(plot_speedups(results, output / "bench.png"))
     report.print(table, markup=False)
-    report.print(f"wrote {output / 'bench.md'}, {output / 'bench.json'}")
+    report.print("wrote " + ", ".join(str(path) for path in written))
 
 
 def main() -> None:

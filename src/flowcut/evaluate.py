@@ -197,13 +197,11 @@ class EvalReport:
     def plot(self, path: Path) -> Path:
         """Accuracy vs tokens kept, one line per method, the unpruned accuracy as a reference line."""
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
         except ImportError as error:
             raise ImportError("plotting needs matplotlib: pip install 'flowcut-vlm[plot]'") from error
-        figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+        figure = Figure(figsize=(6, 4), dpi=120)
+        axes = figure.subplots()
         for method in dict.fromkeys(r.method for r in self.results if r.method is not None):
             rows = sorted((r for r in self.results if r.method == method), key=lambda r: r.keep)
             axes.plot([r.keep for r in rows], [100 * r.accuracy for r in rows], marker="o", label=METHODS[method][0])
@@ -218,7 +216,6 @@ class EvalReport:
         axes.legend()
         figure.tight_layout()
         figure.savefig(path)
-        plt.close(figure)
         return path
 
     def save(self, directory: Path, plot: bool = True) -> list[Path]:

@@ -260,3 +260,33 @@ def to_dict(results: Sequence[BenchResult], env: dict[str, Any]) -> dict[str, An
         row["decode_tokens_per_second"] = result.decode_tokens_per_second
         rows.append(row)
     return {"environment": env, "results": rows}
+
+
+def plot(results: Sequence[BenchResult], path: Any) -> Any:
+    """Measured prefill speed-up and FLOP-bound speed-up vs visual tokens kept, one line per method."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    except ImportError as error:
+        raise ImportError("plotting needs matplotlib: pip install 'flowcut-vlm[plot]'") from error
+    reference = results[0]
+    figure = Figure(figsize=(10, 4), dpi=120)
+    measured, bound = figure.subplots(1, 2, sharey=True)
+    methods = dict.fromkeys(result.setting.method for result in results if result.setting.method is not None)
+    for method in methods:
+        rows = sorted((r for r in results if r.setting.method == method), key=lambda r: r.visual_tokens)
+        budgets = [r.visual_tokens for r in rows]
+        measured.plot(budgets, [reference.median("prefill") / r.median("prefill") for r in rows], "o-", label=method)
+        bound.plot(budgets, [reference.flops.total / r.flops.total for r in rows], "o-", label=method)
+    budgets = sorted({r.visual_tokens for r in results if r.setting.method is not None})
+    for axes, title in ((measured, "measured prefill speed-up"), (bound, "FLOP-bound prefill speed-up")):
+        axes.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(budgets, [str(budget) for budget in budgets])
+        axes.set_xlabel(f"visual tokens kept (of {reference.visual_tokens})")
+        axes.set_title(title)
+        axes.grid(alpha=0.3)
+    measured.set_ylabel("× the unpruned model")
+    bound.legend(loc="best", fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
