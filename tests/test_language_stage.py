@@ -184,3 +184,19 @@ def test_the_delegated_attention_sees_its_own_implementation_name():
     )
     assert result == "output" and seen == ["flash_attention_2"]
     assert module.config._attn_implementation == RECORDING_ATTENTION
+
+
+def test_fastv_keeps_the_same_tokens_and_answer_under_left_or_right_padding(deep):
+    model, processor = deep
+    handle = flowcut.apply(model, processor=processor, keep=KEEP, method="fastv")
+    kept, answers = {}, {}
+    for side in ("left", "right"):
+        processor.tokenizer.padding_side = side
+        inputs = _inputs(processor)
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        positions = handle.last_trace.language_positions
+        last = inputs.attention_mask.shape[1] - 1 - inputs.attention_mask.flip(1).argmax(1)
+        answers[side] = logits[torch.arange(2), (positions <= last[:, None]).sum(1) - 1].argmax(-1).tolist()
+        kept[side] = [image.kept_indices.tolist() for image in handle.last_trace.images]
+    assert kept["left"] == kept["right"] and answers["left"] == answers["right"]

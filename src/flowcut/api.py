@@ -101,6 +101,15 @@ def apply(
     return FlowCutHandle(model, config, processor)
 
 
+def check_applicable(model: torch.nn.Module, configs: list[FlowCutConfig]) -> None:
+    """Raise the error :func:`apply` would raise for the first configuration this model cannot run.
+
+    Each configuration is applied and removed at once, so a long run (eval, bench) fails before it starts.
+    """
+    for config in configs:
+        apply(model, config=config).remove()
+
+
 def get_handle(model: torch.nn.Module) -> FlowCutHandle | None:
     """The active handle of a model FlowCut was applied to, or None."""
     return getattr(model, _HANDLE_ATTRIBUTE, None)

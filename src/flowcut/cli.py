@@ -12,7 +12,7 @@ from rich.console import Console
 from flowcut.config import COUNTS, CRITERIA, METHODS, SCHEDULES, FlowCutConfig
 from flowcut.evaluate import DEFAULT_METHODS
 from flowcut.evaluate import METHODS as EVALUATED_METHODS
-from flowcut.prompting import build_prompt
+from flowcut.prompting import prompt_inputs
 
 app = typer.Typer(help="FlowCut visual-token pruning for vision-language models.", no_args_is_help=True)
 console = Console(stderr=True, soft_wrap=True)
@@ -90,6 +90,9 @@ def load_model(model_name: str, device: str, dtype_name: str) -> tuple[Any, Any]
 
 EVAL_METHODS_HELP = f"Comma-separated, from: {', '.join(EVALUATED_METHODS)}."
 MODEL_HELP = "Local model directory or Hugging Face Hub id (default: the bundled shapes-VQA reference model)."
+ModelOption = Annotated[str | None, typer.Option(help=MODEL_HELP)]
+DeviceOption = Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda', 'cuda:1', …")]
+DtypeOption = Annotated[str, typer.Option(help="'auto' (float16 on GPU, float32 on CPU), float32, float16, bfloat16.")]
 
 
 def _model_source(model: str | None) -> str:
@@ -147,7 +150,7 @@ def _unknown_words(processor: Any, text: str) -> list[str]:
 def generate(
     image: Annotated[Path, typer.Option(help="Image file to ask about.")],
     prompt: Annotated[str, typer.Option(help="Question about the image.")],
-    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    model: ModelOption = None,
     keep: Annotated[int, typer.Option(help="Visual tokens per image that reach the language model.")] = 64,
     method: Annotated[str, typer.Option(help=f"Pruning method: {', '.join(METHODS)}.")] = "flowcut",
     schedule: Annotated[str, typer.Option(help=f"FlowCut ablation: {', '.join(SCHEDULES)}.")] = "progressive",
@@ -157,10 +160,8 @@ def generate(
     prune_interval: Annotated[int, typer.Option(help="FlowCut: prune every this many layers.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of --method random.")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 32,
-    device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda', 'cuda:1', …")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="'auto' (float16 on GPU, float32 on CPU), float32, float16, bfloat16.")
-    ] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Answer PROMPT about IMAGE with METHOD (FlowCut by default) keeping KEEP visual tokens per image."""
     import torch
@@ -191,8 +192,7 @@ def generate(
         handle = flowcut.apply(loaded_model, processor=processor, config=config)
     except (TypeError, ValueError) as error:
         _fail(str(error))
-    inputs = processor(images=picture, text=build_prompt(processor, prompt), return_tensors="pt").to(device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, dtype))
+    inputs = prompt_inputs(processor, picture, prompt, device, getattr(torch, dtype))
 
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     first_pass_end: list[float] = []
@@ -225,6 +225,18 @@ def generate(
     )
 
 
+def _name_list(text: str) -> list[str]:
+    """The names of a comma-separated option."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _require_matplotlib(message: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        _fail(message)
+
+
 def _int_list(text: str, name: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -235,7 +247,7 @@ def _int_list(text: str, name: str) -> list[int]:
 
 @app.command("eval")
 def evaluate_command(
-    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    model: ModelOption = None,
     methods: Annotated[str, typer.Option(help=EVAL_METHODS_HELP)] = ",".join(DEFAULT_METHODS),
     budgets: Annotated[str, typer.Option(help="Comma-separated visual-token budgets per image.")] = "192,128,64,32",
     split: Annotated[str, typer.Option(help="Shapes VQA split: test, validation or train.")] = "test",
@@ -244,10 +256,8 @@ def evaluate_command(
     batch_size: Annotated[int, typer.Option(help="Questions per forward pass.")] = 32,
     output: Annotated[Path, typer.Option(help="Directory for eval.json, eval.md and eval.png.")] = Path("eval-results"),
     plot: Annotated[bool, typer.Option(help="Write the accuracy-vs-tokens plot (needs matplotlib).")] = True,
-    device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda', 'cuda:1', …")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="'auto' (float16 on GPU, float32 on CPU), float32, float16, bfloat16.")
-    ] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Accuracy of every method at every budget on the shapes VQA questions, against the unpruned model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -260,12 +270,9 @@ def evaluate_command(
     if count < 1 or start < 0 or batch_size < 1:
         _fail("--count and --batch-size must be at least 1 and --start at least 0")
     if plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            _fail("the plot needs matplotlib: pip install 'flowcut-vlm[plot]', or pass --no-plot")
+        _require_matplotlib("the plot needs matplotlib: pip install 'flowcut-vlm[plot]', or pass --no-plot")
     try:
-        settings = settings_for([m.strip() for m in methods.split(",") if m.strip()], _int_list(budgets, "budgets"))
+        settings = settings_for(_name_list(methods), _int_list(budgets, "budgets"))
     except (TypeError, ValueError) as error:
         _fail(str(error))
     device, dtype = _resolve_device_dtype(device, dtype)
@@ -304,7 +311,7 @@ def evaluate_command(
 def viz(
     image: Annotated[Path, typer.Option(help="Image file to prune.")],
     prompt: Annotated[str | None, typer.Option(help="Question to answer under every method (optional).")] = None,
-    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    model: ModelOption = None,
     keep: Annotated[int, typer.Option(help="Visual tokens per image that reach the language model.")] = 64,
     method: Annotated[
         str, typer.Option(help=f"Comma-separated methods; the first is drawn step by step. From: {', '.join(METHODS)}.")
@@ -314,21 +321,16 @@ def viz(
     ] = None,
     output: Annotated[Path, typer.Option(help="Figure file, .png or .svg.")] = Path("flowcut-viz.png"),
     dpi: Annotated[int, typer.Option(help="Resolution of a PNG.")] = 110,
-    device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda', 'cuda:1', …")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="'auto' (float16 on GPU, float32 on CPU), float32, float16, bfloat16.")
-    ] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Draw what METHOD keeps of IMAGE: prune steps, score heat maps, entropy schedule, methods side by side."""
     if output.suffix.lower() not in (".png", ".svg"):
         _fail(f"--output must end in .png or .svg, got {output.name!r}")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        _fail("flowcut viz needs matplotlib: pip install 'flowcut-vlm[viz]'")
+    _require_matplotlib("flowcut viz needs matplotlib: pip install 'flowcut-vlm[viz]'")
     from flowcut.viz import visualise
 
-    names = [name.strip() for name in method.split(",") if name.strip()]
+    names = _name_list(method)
     try:
         for name in names:
             FlowCutConfig(keep=keep, method=name)
@@ -351,7 +353,7 @@ def viz(
 
 @app.command()
 def bench(
-    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    model: ModelOption = None,
     image: Annotated[Path | None, typer.Option(help="Image (default: shapes-VQA test image 1).")] = None,
     prompt: Annotated[str, typer.Option(help="Question asked in every round.")] = "what colour is the square ?",
     methods: Annotated[str, typer.Option(help=f"Comma-separated, from: {', '.join(METHODS)}.")] = (
@@ -365,10 +367,8 @@ def bench(
         "bench-results"
     ),
     plot: Annotated[bool, typer.Option(help="Write the speed-up plot (needs matplotlib).")] = True,
-    device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda', 'cuda:1', …")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="'auto' (float16 on GPU, float32 on CPU), float32, float16, bfloat16.")
-    ] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Time the encoder, prefill and generation of every method against the unpruned model, with FLOPs."""
     import json
@@ -378,11 +378,8 @@ def bench(
     from flowcut.data.shapes import make_sample
 
     if plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            _fail("the plot needs matplotlib: pip install 'flowcut-vlm[plot]', or pass --no-plot")
-    names = [name.strip() for name in methods.split(",") if name.strip()]
+        _require_matplotlib("the plot needs matplotlib: pip install 'flowcut-vlm[plot]', or pass --no-plot")
+    names = _name_list(methods)
     keeps = _int_list(budgets, "budgets")
     try:
         settings = [BenchSetting(None)] + [

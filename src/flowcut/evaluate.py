@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from flowcut.api import apply, get_handle
+from flowcut.api import apply, check_applicable, get_handle
 from flowcut.config import FlowCutConfig
+from flowcut.core.language_stage import last_real_positions
 from flowcut.core.scoring import entropy_ratio
 from flowcut.data.shapes import GRID, QUESTION_KINDS, Sample, object_patches
-from flowcut.prompting import build_prompt
+from flowcut.prompting import prompt_inputs
 
 METHODS = {
     "flowcut": ("FlowCut", {"method": "flowcut"}),
@@ -237,7 +238,7 @@ def last_token_logits(
 
     After language-model pruning the logits cover only ``kept_positions`` ``(B, T')`` of the prompt.
     """
-    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
+    last = last_real_positions(attention_mask)
     if kept_positions is not None:
         last = (kept_positions.to(last.device) <= last[:, None]).sum(1) - 1
     return logits[torch.arange(logits.shape[0]), last]
@@ -245,13 +246,8 @@ def last_token_logits(
 
 def first_answers(model: torch.nn.Module, processor: Any, batch: Sequence[Sample]) -> list[str]:
     """The model's first greedy token for each question, decoded."""
-    inputs = processor(
-        text=[build_prompt(processor, sample.question) for sample in batch],
-        images=[sample.image for sample in batch],
-        padding=True,
-        return_tensors="pt",
-    ).to(model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    images, questions = [sample.image for sample in batch], [sample.question for sample in batch]
+    inputs = prompt_inputs(processor, images, questions, model.device, model.dtype)
     with torch.inference_mode():
         logits = model(**inputs).logits
     kept_positions = None
@@ -263,9 +259,7 @@ def first_answers(model: torch.nn.Module, processor: Any, batch: Sequence[Sample
 
 def check_settings(model: torch.nn.Module, settings: Sequence[Setting]) -> None:
     """Refuse a setting this model cannot run (e.g. FastV on a two-layer language model) before any work."""
-    for setting in settings:
-        if setting.method:
-            apply(model, config=setting.config()).remove()
+    check_applicable(model, [setting.config() for setting in settings if setting.method])
 
 
 def evaluate(

@@ -1,8 +1,11 @@
-"""Prompts in the model's own chat format, shared by the CLI and the evaluation."""
+"""Prompts in the model's own chat format, and model inputs built from them (CLI, eval, bench, viz)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 
 def build_prompt(processor: Any, question: str) -> str:
@@ -16,3 +19,17 @@ def build_prompt(processor: Any, question: str) -> str:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
     return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def prompt_inputs(
+    processor: Any, images: Any, questions: str | Sequence[str], device: torch.device | str, dtype: torch.dtype
+) -> Any:
+    """Processor inputs for one question per image (padded as a batch), on ``device``, pixels in ``dtype``."""
+    texts = (
+        build_prompt(processor, questions)
+        if isinstance(questions, str)
+        else [build_prompt(processor, question) for question in questions]
+    )
+    inputs = processor(images=images, text=texts, padding=True, return_tensors="pt").to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs

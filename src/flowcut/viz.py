@@ -219,7 +219,7 @@ def visualise(
     The model is left as it was: each method is applied and removed in turn.
     """
     import flowcut
-    from flowcut.prompting import build_prompt
+    from flowcut.prompting import prompt_inputs
 
     if not methods:
         raise ValueError("give at least one method")
@@ -228,9 +228,7 @@ def visualise(
     for method in methods:
         options = {"record_scores": True} if method == "flowcut" else {}
         with flowcut.apply(model, processor=processor, keep=keep, method=method, **options) as handle:
-            text = build_prompt(processor, prompt if prompt is not None else "")
-            inputs = processor(images=image, text=text, return_tensors="pt").to(model.device)
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            inputs = prompt_inputs(processor, image, prompt or "", model.device, model.dtype)
             pixel_values = inputs["pixel_values"][0]
             with torch.inference_mode():
                 if prompt is None:

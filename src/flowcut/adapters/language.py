@@ -20,7 +20,7 @@ import torch
 
 from flowcut.adapters.attention import RECORDING_ATTENTION, resolve_attention
 from flowcut.core.encoder_stage import AttentionRecorder
-from flowcut.core.language_stage import kept_positions, last_token_scores
+from flowcut.core.language_stage import kept_positions, last_real_positions, last_token_scores
 
 
 @dataclass
@@ -33,6 +33,8 @@ class PromptLayout:
     """``(B, L)``: real (non-padding) positions."""
     last_index: torch.Tensor
     """``(B,)``: each row's last real position."""
+    input_ids: torch.Tensor
+    """The prompt itself, to recognise a later uncached pass that continues it."""
 
 
 @dataclass
@@ -54,9 +56,7 @@ class PrunedPrompt:
 def prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int) -> PromptLayout:
     """The layout of a prompt batch (left or right padding)."""
     visible = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    length = input_ids.shape[1]
-    last_index = length - 1 - visible.flip(1).int().argmax(1)
-    return PromptLayout(input_ids == image_token_id, visible, last_index)
+    return PromptLayout(input_ids == image_token_id, visible, last_real_positions(visible), input_ids)
 
 
 class DecoderPruner:
@@ -92,7 +92,6 @@ class DecoderPruner:
         self._implementation: str | None = None
         self._handles: list[Any] = []
         self._pinned: PrunedPrompt | None = None
-        self._prompt_ids: torch.Tensor | None = None
 
     def install(self) -> None:
         """Register the hooks."""
@@ -111,7 +110,7 @@ class DecoderPruner:
         self._handles = []
         self.layout = self.pruned = None
 
-    def start_prefill(self, layout: PromptLayout | None, input_ids: torch.Tensor | None = None) -> None:
+    def start_prefill(self, layout: PromptLayout | None) -> None:
         """Called before a model pass without a filled cache (``layout=None``: nothing to prune in it).
 
         A pass that continues the last pruned prompt without its cache (``generate(use_cache=False)``,
@@ -120,9 +119,9 @@ class DecoderPruner:
         """
         previous = self.pruned
         scored = None if previous is None else previous.input_ids
+        input_ids = None if layout is None else layout.input_ids
         if (
-            layout is not None
-            and input_ids is not None
+            input_ids is not None
             and scored is not None
             and input_ids.shape[0] == scored.shape[0]
             and input_ids.shape[1] > scored.shape[1]
@@ -134,15 +133,12 @@ class DecoderPruner:
             pinned = PrunedPrompt(positions, input_ids.shape[1], None, layout.visual, scored, base)
             self.layout, self._pinned, self.pruned = None, pinned, None
             return
-        self.layout = layout
-        self._pinned = None
-        self._prompt_ids = input_ids
-        self.pruned = None
+        self.layout, self._pinned, self.pruned = layout, None, None
 
     # -- hooks ----------------------------------------------------------------------------------
 
     def _before_scoring_layer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        hidden_states = args[0] if args else kwargs["hidden_states"]
+        hidden_states = _input_states(args, kwargs)
         if self.layout is None or hidden_states.shape[1] != self.layout.visual.shape[1]:
             return None
         if not self.layout.visual.any():
@@ -160,12 +156,10 @@ class DecoderPruner:
     def _after_scoring_layer(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         pinned = self._pinned
         if pinned is not None and not isinstance(output, BaseException):
-            hidden_states = output[0] if isinstance(output, tuple) else output
-            if hidden_states.shape[1] == pinned.prompt_length:
+            if _output_states(output).shape[1] == pinned.prompt_length:
                 self._pinned, self.pruned = None, pinned
                 self.on_prune(pinned.positions, pinned.visual)
-                pruned = _gather(hidden_states, pinned.positions, dim=1)
-                return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
+                return _keep_positions(output, pinned.positions)
         if self._recorder is None:
             return None
         self.config._attn_implementation = self._implementation
@@ -185,20 +179,17 @@ class DecoderPruner:
             self.score,
         )
         positions = kept_positions(scores, layout.visual, self.tokens_per_image, self.keep)
-        hidden_states = output[0] if isinstance(output, tuple) else output
-        self.pruned = PrunedPrompt(
-            positions, hidden_states.shape[1], None, layout.visual, self._prompt_ids, scored_positions=positions
-        )
+        length = _output_states(output).shape[1]
+        self.pruned = PrunedPrompt(positions, length, None, layout.visual, layout.input_ids, scored_positions=positions)
         self.layout = None  # used once: a later pass must not be pruned by this prompt's layout
         self.on_prune(positions, layout.visual)
-        pruned = _gather(hidden_states, positions, dim=1)
-        return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
+        return _keep_positions(output, positions)
 
     def _before_later_layer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         pruned = self.pruned
         if pruned is None:
             return None
-        hidden_states = args[0] if args else kwargs["hidden_states"]
+        hidden_states = _input_states(args, kwargs)
         cache = kwargs.get("past_key_values")
         kwargs = dict(kwargs)
         prefill = hidden_states.shape[1] == pruned.positions.shape[1] and _length(kwargs) == pruned.prompt_length
@@ -220,6 +211,22 @@ class DecoderPruner:
         if mask is not None:
             kwargs["attention_mask"] = _cut_mask(mask, pruned.positions, pruned.prompt_length, rows_too=False)
         return args, kwargs
+
+
+def _input_states(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer is called with."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _output_states(output: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returned (alone or first in a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _keep_positions(output: Any, positions: torch.Tensor) -> Any:
+    """A decoder layer's output with its hidden states cut to ``positions``."""
+    pruned = _gather(_output_states(output), positions, dim=1)
+    return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
 
 
 def _length(kwargs: dict) -> int | None:

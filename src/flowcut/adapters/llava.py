@@ -173,16 +173,7 @@ class LlavaFamily:
                 vision_feature_select_strategy=vision_feature_select_strategy,
                 **kwargs,
             )
-            every_patch = torch.arange(self.encoder.num_patches)
-            images = [
-                ImageTrace(
-                    every_patch,
-                    [self.encoder.num_patches] * self.encoder.num_layers,
-                    [],
-                    [None] * self.encoder.num_layers,
-                )
-                for _ in range(batch_size)
-            ]
+            images = [self._stock_image_trace(torch.arange(self.encoder.num_patches)) for _ in range(batch_size)]
             if self.pruner is None:
                 self.on_trace(PruningTrace(images, self.encoder.grid_size, self.tokens_per_image, feature_layer))
             self._feature_layer = feature_layer
@@ -204,17 +195,21 @@ class LlavaFamily:
         )
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
+    def _stock_image_trace(self, kept_indices: torch.Tensor) -> ImageTrace:
+        """The trace of an image the stock encoder path encoded: every layer runs on every patch."""
+        layers, patches = self.encoder.num_layers, self.encoder.num_patches
+        return ImageTrace(kept_indices, [patches] * layers, [], [None] * layers)
+
     def _language_trace(self, positions: torch.Tensor, visual: torch.Tensor) -> None:
         """Trace of a language-model prune: each image's kept visual tokens as patch indices."""
         num_patches = self.encoder.num_patches
-        layers = self.encoder.num_layers  # the stock encoder path runs every layer
         images = []
         for row_positions, row_visual in zip(positions, visual, strict=True):
             kept = torch.zeros_like(row_visual)
             kept[row_positions] = True
             for image in row_visual.nonzero().squeeze(1).split(num_patches):
                 indices = kept[image].nonzero().squeeze(1).cpu()
-                images.append(ImageTrace(indices, [num_patches] * layers, [], [None] * layers))
+                images.append(self._stock_image_trace(indices))
         trace = PruningTrace(images, self.encoder.grid_size, self.tokens_per_image, self._feature_layer, positions)
         self.on_trace(trace)
 
@@ -232,7 +227,7 @@ class LlavaFamily:
                 if input_ids is None:
                     raise ValueError(f"method {self.config.method!r} needs input_ids to find the image tokens")
                 layout = prompt_layout(input_ids, kwargs.get("attention_mask"), self.image_token_id)
-                self.pruner.start_prefill(layout if layout.visual.any() else None, input_ids)
+                self.pruner.start_prefill(layout if layout.visual.any() else None)
         self._check_placeholders(input_ids, kwargs)
 
     def _check_placeholders(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> None:

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 import transformers
 
-from flowcut.api import apply
+from flowcut.api import apply, check_applicable
 from flowcut.bench.flops import PrefillFlops, TextShape, VisionShape, prefill_flops
 from flowcut.config import FlowCutConfig
 from flowcut.methods import get_method
-from flowcut.prompting import build_prompt
+from flowcut.prompting import prompt_inputs
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,10 @@ class BenchSetting:
     def label(self) -> str:
         """``"flowcut@64"``, or ``"unpruned"``."""
         return "unpruned" if self.method is None else f"{self.method}@{self.keep}"
+
+    def config(self) -> FlowCutConfig:
+        """The pruning configuration of a method setting."""
+        return FlowCutConfig(keep=self.keep, method=self.method)
 
 
 @dataclass
@@ -152,10 +156,8 @@ def benchmark(
     """Measure every setting ``rounds`` times, interleaved, after ``warmup`` unrecorded rounds."""
     if rounds < 1 or warmup < 0 or new_tokens < 2:
         raise ValueError("rounds must be at least 1, warmup at least 0 and new_tokens at least 2")
-    for setting in settings:  # refuse an impossible setting before measuring anything
-        if setting.method is not None:
-            apply(model, config=FlowCutConfig(keep=setting.keep, method=setting.method)).remove()
-    device = next(model.parameters()).device
+    check_applicable(model, [setting.config() for setting in settings if setting.method is not None])
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     timed = _timer(device)
     vision_shape, text_shape = model_shapes(model)
     results: dict[BenchSetting, BenchResult] = {}
@@ -163,11 +165,9 @@ def benchmark(
         for setting in settings:
             handle = None
             if setting.method is not None:
-                config = FlowCutConfig(keep=setting.keep, method=setting.method)
-                handle = apply(model, processor=processor, config=config)
+                handle = apply(model, processor=processor, config=setting.config())
             try:
-                inputs = processor(images=image, text=build_prompt(processor, prompt), return_tensors="pt").to(device)
-                inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+                inputs = prompt_inputs(processor, image, prompt, device, dtype)
                 generation = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
                 with torch.inference_mode():
                     vision_ms, _ = timed(partial(model.model.get_image_features, inputs["pixel_values"]))

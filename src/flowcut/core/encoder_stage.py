@@ -238,11 +238,12 @@ def run_encoder_stage(
         for b, (trace, count, new) in enumerate(zip(traces, counts, new_counts, strict=True)):
             if new != count:
                 trace.prune_layers.append(index)
-                trace.kept_after_prune.append(positions[b, :new].sort().values.cpu())
+                trace.kept_after_prune.append(positions[b, :new])  # ascending, like every positions row
         counts = new_counts
 
     for b, trace in enumerate(traces):
         trace.kept_indices = positions[b, : counts[b]].cpu()
+        trace.kept_after_prune = [kept.cpu() for kept in trace.kept_after_prune]
     return EncoderStageOutput(hidden_states=hidden_states, images=traces)
 
 

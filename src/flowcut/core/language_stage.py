@@ -16,6 +16,11 @@ SCORES = ("attention", "flowcut")
 """``"attention"``: attention received from the last token (FastV); ``"flowcut"``: SPEC §3's score."""
 
 
+def last_real_positions(visible: torch.Tensor) -> torch.Tensor:
+    """Each row's last real position under a ``(B, L)`` mask of real tokens (left or right padding): ``(B,)``."""
+    return visible.shape[1] - 1 - visible.flip(1).int().argmax(1)
+
+
 def _per_query_head(states: torch.Tensor, heads: int) -> torch.Tensor:
     """Repeat ``(B, H_kv, L, d)`` key/value heads to ``heads`` query heads."""
     return states.repeat_interleave(heads // states.shape[1], dim=1)

@@ -37,6 +37,11 @@ class EncoderCall:
     project: Callable[[torch.Tensor], torch.Tensor]
     """The family's projector: ``(B, T, D_vision) -> (B, T, D_text)``."""
 
+    @property
+    def num_patches(self) -> int:
+        """Patches per image before any pruning."""
+        return self.grid_size[0] * self.grid_size[1]
+
 
 @dataclass
 class MethodOutput:
@@ -110,9 +115,9 @@ def run_to_feature_layer(call: EncoderCall, record_last: bool = False) -> tuple[
     return hidden_states, recorder.take() if recorder is not None else None
 
 
-def unpruned_trace(kept_indices: torch.Tensor, call: EncoderCall, num_patches: int) -> ImageTrace:
+def unpruned_trace(kept_indices: torch.Tensor, call: EncoderCall) -> ImageTrace:
     """The trace of an image whose encoder ran unpruned and whose tokens were chosen at the feature layer."""
-    layers = call.feature_layer + 1
+    layers, num_patches = call.feature_layer + 1, call.num_patches
     kept = kept_indices.cpu()
     return ImageTrace(kept, [num_patches] * layers, [call.feature_layer], [None] * layers, kept_after_prune=[kept])
 

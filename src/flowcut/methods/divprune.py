@@ -36,9 +36,8 @@ class DivPrune(Method):
 
     def run(self, call: EncoderCall) -> MethodOutput:
         hidden_states, _ = run_to_feature_layer(call)
-        num_patches = hidden_states.shape[1] - 1
         projected = call.project(hidden_states[:, 1:])
         kept = [max_min_diverse(image, call.config.keep) for image in projected]
         features = torch.stack([image[indices] for image, indices in zip(projected, kept, strict=True)])
         patches = torch.stack([image[1 + indices] for image, indices in zip(hidden_states, kept, strict=True)])
-        return MethodOutput(features, patches, [unpruned_trace(indices, call, num_patches) for indices in kept])
+        return MethodOutput(features, patches, [unpruned_trace(indices, call) for indices in kept])

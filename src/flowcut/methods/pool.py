@@ -57,8 +57,7 @@ class Pool(Method):
 
     def run(self, call: EncoderCall) -> MethodOutput:
         hidden_states, _ = run_to_feature_layer(call)
-        num_patches = hidden_states.shape[1] - 1
         cells = pool_grid(call.config.keep, call.grid_size)
         pooled = pool_patches(hidden_states[:, 1:], call.grid_size, cells)
         centres = cell_centres(call.grid_size, cells)
-        return MethodOutput(call.project(pooled), pooled, [unpruned_trace(centres, call, num_patches) for _ in pooled])
+        return MethodOutput(call.project(pooled), pooled, [unpruned_trace(centres, call) for _ in pooled])

@@ -28,11 +28,10 @@ class RandomSample(Method):
 
     def run(self, call: EncoderCall) -> MethodOutput:
         hidden_states, _ = run_to_feature_layer(call)
-        num_patches = hidden_states.shape[1] - 1
-        kept = [random_patches(image, num_patches, call.config.keep, call.config.seed) for image in call.pixel_values]
+        kept = [
+            random_patches(image, call.num_patches, call.config.keep, call.config.seed) for image in call.pixel_values
+        ]
         patches = torch.stack(
             [states[1 + indices.to(states.device)] for states, indices in zip(hidden_states, kept, strict=True)]
         )
-        return MethodOutput(
-            call.project(patches), patches, [unpruned_trace(indices, call, num_patches) for indices in kept]
-        )
+        return MethodOutput(call.project(patches), patches, [unpruned_trace(indices, call) for indices in kept])

@@ -62,7 +62,6 @@ class VisionZip(Method):
 
     def run(self, call: EncoderCall) -> MethodOutput:
         hidden_states, record = run_to_feature_layer(call, record_last=True)
-        num_patches = hidden_states.shape[1] - 1
         dominant, contextual = visionzip_split(call.config.keep)
         heads = record.query.shape[1]
         cls_attention = row_attention(record.query[:, :, :1], record.key, record.scaling) * heads  # summed
@@ -74,6 +73,6 @@ class VisionZip(Method):
             )
             tokens.append(image_tokens)
             kept = torch.cat([dominant_patches, targets]).sort().values
-            traces.append(unpruned_trace(kept, call, num_patches))
+            traces.append(unpruned_trace(kept, call))
         tokens = torch.stack(tokens)
         return MethodOutput(call.project(tokens), tokens, traces)
