@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration, SiglipVisionConfig
 
 import flowcut
-from conftest import PROMPT
+from conftest import PROMPT, make_image
 from flowcut.tiny import build_tiny_llava, tiny_llava_config
 
 
@@ -18,11 +18,26 @@ def test_keep_below_one(tiny, keep):
         flowcut.apply(model, keep=keep)
 
 
-@pytest.mark.parametrize("keep", [1.5, 64.0, True, "64", None.__class__])
-def test_keep_not_an_integer(tiny, keep):
+@pytest.mark.parametrize("keep", [True, "64", None.__class__])
+def test_keep_not_a_number(tiny, keep):
     model, _ = tiny
-    with pytest.raises(TypeError, match="keep must be a positive integer number of visual tokens"):
+    with pytest.raises(TypeError, match=r"keep must be a positive integer number of visual tokens .* or a ratio"):
         flowcut.apply(model, keep=keep)
+
+
+@pytest.mark.parametrize("keep", [1.5, 64.0, 0.0, 1.0])
+def test_fractional_keep_outside_zero_one(tiny, keep):
+    model, _ = tiny
+    with pytest.raises(ValueError, match=rf"a fractional keep .* must be in \(0, 1\), got {keep}"):
+        flowcut.apply(model, keep=keep)
+
+
+def test_fractional_keep_is_a_share_of_the_patches(tiny):
+    model, processor = tiny
+    with flowcut.apply(model, processor=processor, keep=0.25) as handle:  # round(0.25 * 144) = 36
+        assert handle.tokens_per_image == 36
+        inputs = processor(images=make_image(0), text=PROMPT, return_tensors="pt")
+        assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 36
 
 
 def test_unsupported_model_names_supported_classes():

@@ -11,7 +11,7 @@ import torch
 
 import flowcut
 from conftest import VISION_OPTIONS, make_image
-from flowcut.core.language_stage import kept_positions, last_token_scores
+from flowcut.core.language_stage import kept_positions, last_token_scores, uniform_budgets
 from flowcut.tiny import build_tiny_llava
 
 KEEP = 16
@@ -62,14 +62,26 @@ def test_flowcut_language_score_combines_relation_semantic_and_value_norm():
 def test_kept_positions_keep_text_and_each_images_best():
     visual = torch.tensor([[False, True, True, True, True, False]])
     scores = torch.tensor([[0.0, 0.1, 0.9, 0.8, 0.2, 0.0]])
-    assert kept_positions(scores, visual, tokens_per_image=2, keep=1).tolist() == [[0, 2, 3, 5]]
+    positions, filler = kept_positions(scores, visual, *uniform_budgets(visual, 2, 1))
+    assert positions.tolist() == [[0, 2, 3, 5]] and filler is None
+    # Images of different lengths and budgets: 3 tokens keep 2, then 1 token keeps 1.
+    positions, _ = kept_positions(scores, visual, [[3, 1]], [[2, 1]])
+    assert positions.tolist() == [[0, 2, 3, 4, 5]]
     with pytest.raises(ValueError, match="not a multiple of 3 per image"):
-        kept_positions(scores, visual, tokens_per_image=3, keep=1)
+        uniform_budgets(visual, 3, 1)
+    with pytest.raises(ValueError, match="a row holds 4 visual tokens, but its images have 3"):
+        kept_positions(scores, visual, [[3]], [[1]])
+
+
+def test_rows_that_keep_fewer_tokens_are_padded_with_hidden_fillers():
     one_and_two_images = torch.tensor(
         [[False, True, True, False, False, False], [False, True, True, True, True, False]]
     )
-    with pytest.raises(ValueError, match="same number of images"):
-        kept_positions(torch.zeros(2, 6), one_and_two_images, tokens_per_image=2, keep=1)
+    scores = torch.tensor([[0.0, 0.2, 0.1, 0.0, 0.0, 0.0], [0.0, 0.1, 0.9, 0.8, 0.2, 0.0]])
+    positions, filler = kept_positions(scores, one_and_two_images, *uniform_budgets(one_and_two_images, 2, 1))
+    # Row 0 keeps 5 tokens, row 1 only 4: row 1's first dropped visual token (1) pads it, hidden.
+    assert positions.tolist() == [[0, 1, 3, 4, 5], [0, 1, 2, 3, 5]]
+    assert filler.tolist() == [[False] * 5, [False, True, False, False, False]]
 
 
 @pytest.fixture
@@ -145,6 +157,30 @@ def test_fastv_is_batch_invariant(deep):
         single = model.generate(**alone, max_new_tokens=3, do_sample=False)[:, -3:]
     assert handle.last_trace.images[0].kept_indices.tolist() == kept_together[1]
     assert torch.equal(single[0], together[1])
+
+
+def test_fastv_batches_prompts_with_different_numbers_of_images(deep):
+    """A one-image row keeps fewer tokens than a two-image row: hidden fillers pad it, answers stay its own."""
+    model, processor = deep
+    processor.tokenizer.padding_side = "left"
+    two = "USER: <image><image>\nwhat is the colour of the circle ? ASSISTANT:"
+    handle = flowcut.apply(model, processor=processor, keep=KEEP, method="fastv")
+    try:
+        with torch.no_grad():
+            batch = processor(
+                images=[make_image(0), make_image(1), make_image(2)],
+                text=[two, PROMPTS[1]],
+                return_tensors="pt",
+                padding=True,
+            )
+            together = model.generate(**batch, max_new_tokens=3, do_sample=False)[:, -3:]
+            assert [len(image.kept_indices) for image in handle.last_trace.images] == [KEEP] * 3
+            pair = processor(images=[make_image(0), make_image(1)], text=two, return_tensors="pt")
+            alone = processor(images=make_image(2), text=PROMPTS[1], return_tensors="pt")
+            assert torch.equal(model.generate(**pair, max_new_tokens=3, do_sample=False)[0, -3:], together[0])
+            assert torch.equal(model.generate(**alone, max_new_tokens=3, do_sample=False)[0, -3:], together[1])
+    finally:
+        handle.remove()
 
 
 def test_fastv_with_keep_at_or_above_every_token_is_the_stock_model(deep):

@@ -7,10 +7,11 @@ from typing import Any
 import torch
 
 from flowcut.adapters.llava import LlavaFamily
+from flowcut.adapters.qwen import QwenFamily
 from flowcut.config import FlowCutConfig
 from flowcut.trace import PruningTrace
 
-FAMILIES = (LlavaFamily,)
+FAMILIES = (LlavaFamily, QwenFamily)
 """Model-family adapters, tried in order against the model's class."""
 
 _HANDLE_ATTRIBUTE = "_flowcut_handle"
@@ -56,8 +57,8 @@ class FlowCutHandle:
         return getattr(self.model, _HANDLE_ATTRIBUTE, None) is self
 
     @property
-    def tokens_per_image(self) -> int:
-        """Visual tokens per image that reach the language model."""
+    def tokens_per_image(self) -> int | float:
+        """Visual tokens per image that reach the language model (a ratio where ``keep`` is one and images differ)."""
         return self._family.tokens_per_image
 
     def remove(self) -> None:

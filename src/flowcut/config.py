@@ -33,26 +33,42 @@ _FLOWCUT_ONLY = {
 CONFIG_NAME = "flowcut_config.json"
 
 
-def validate_keep(keep: Any) -> int:
-    """Return ``keep`` if it is a positive integer token count, else raise a clear error."""
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Integral):
+def validate_keep(keep: Any) -> int | float:
+    """Return ``keep`` if it is a positive integer token count or a ratio in (0, 1), else raise a clear error."""
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
         raise TypeError(
-            f"keep must be a positive integer number of visual tokens per image, got {keep!r} ({type(keep).__name__})"
+            "keep must be a positive integer number of visual tokens per image or a ratio in (0, 1), "
+            f"got {keep!r} ({type(keep).__name__})"
         )
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1 visual token per image, got {keep}")
-    return int(keep)
+    if isinstance(keep, numbers.Integral):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1 visual token per image, got {keep}")
+        return int(keep)
+    if not 0.0 < keep < 1.0:
+        raise ValueError(
+            f"a fractional keep is the share of each image's visual tokens and must be in (0, 1), got {keep}"
+        )
+    return float(keep)
+
+
+def tokens_to_keep(keep: int | float, available: int) -> int:
+    """The budget of one image with ``available`` visual tokens: ``keep`` itself (at most all of them),
+    or for a ratio ``round(keep · available)`` (half to even), at least 1."""
+    if isinstance(keep, float):
+        return max(1, round(keep * available))
+    return min(keep, available)
 
 
 @dataclass(frozen=True)
 class FlowCutConfig:
     """Settings of one pruned model instance.
 
-    ``keep`` is the number of visual tokens per image that reach the language model. The other
-    fields reproduce the paper's defaults; change them only to study the method.
+    ``keep`` is the number of visual tokens per image that reach the language model, or a ratio in
+    (0, 1) of each image's visual tokens (useful where the token count varies with resolution, as in
+    Qwen2-VL). The other fields reproduce the paper's defaults; change them only to study the method.
     """
 
-    keep: int = 64
+    keep: int | float = 64
     method: str = "flowcut"
     prune_interval: int = 2
     """Prune every this many layers, counted back from the final prune (SPEC §2: 2)."""

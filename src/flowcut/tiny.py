@@ -1,8 +1,8 @@
-"""Tiny, randomly initialised LLaVA models built offline (tests, demos, smoke checks).
+"""Tiny, randomly initialised LLaVA and Qwen2-VL / Qwen2.5-VL models built offline (tests, demos, smoke checks).
 
-Everything is built locally: a word-level tokenizer from the ``tokenizers`` library, a PIL-based
-CLIP image processor, and a ``LlavaForConditionalGeneration`` from configs. The weights are
-random: such a model exercises the mechanics of pruning, it does not answer questions.
+Everything is built locally: a word-level tokenizer from the ``tokenizers`` library, PIL-based
+image processors, and the models from configs. The weights are random: such a model exercises the
+mechanics of pruning, it does not answer questions.
 """
 
 from __future__ import annotations
@@ -18,8 +18,15 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 WORDS = (
@@ -38,9 +45,24 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(extra_words: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with LLaVA's special tokens, built without any download."""
-    vocabulary = list(dict.fromkeys(SPECIAL_TOKENS + ["USER", "ASSISTANT"] + PUNCTUATION + WORDS + (extra_words or [])))
+QWEN_SPECIAL_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'][0]['text'] }}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_tokenizer(
+    extra_words: list[str] | None = None, special_tokens: list[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with LLaVA's special tokens (and ``special_tokens``), built without any download."""
+    special = list(special_tokens or [])
+    vocabulary = list(
+        dict.fromkeys(SPECIAL_TOKENS + special + ["USER", "ASSISTANT"] + PUNCTUATION + WORDS + (extra_words or []))
+    )
     model = models.WordLevel({word: i for i, word in enumerate(vocabulary)}, unk_token="<unk>")
     tokenizer = Tokenizer(model)
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
@@ -50,7 +72,7 @@ def build_tokenizer(extra_words: list[str] | None = None) -> PreTrainedTokenizer
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        extra_special_tokens=["<image>"],
+        extra_special_tokens=["<image>", *special],
     )
     return fast
 
@@ -161,3 +183,111 @@ def save_tiny_llava(directory: str | Path, seed: int = 0, **options: int | float
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+QWEN_VERSIONS = ("2", "2.5")
+
+
+def _image_only(processor_class: type) -> type:
+    """``processor_class`` without a video processor (transformers' video processors need torchvision)."""
+
+    class ImageOnlyProcessor(processor_class):
+        def check_argument_for_proper_class(self, argument_name: str, argument: object) -> object:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = processor_class.__name__
+    return ImageOnlyProcessor
+
+
+def build_tiny_qwen(
+    version: str = "2",
+    seed: int = 0,
+    patch_size: int = 4,
+    vision_layers: int = 6,
+    vision_hidden: int = 32,
+    vision_heads: int = 4,
+    text_layers: int = 4,
+    text_hidden: int = 64,
+    text_heads: int = 4,
+    window_size: int = 16,
+    max_pixels: int = 64 * 64,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor]:
+    """A random tiny Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) and its processor.
+
+    Images are resized by the processor's own dynamic-resolution rule (multiples of
+    ``2 * patch_size``, at most ``max_pixels``); Qwen2.5-VL's windows span ``window_size`` pixels.
+    """
+    if version not in QWEN_VERSIONS:
+        raise ValueError(f"unknown Qwen version {version!r}; available: {', '.join(QWEN_VERSIONS)}")
+    tokenizer = build_tokenizer(special_tokens=QWEN_SPECIAL_TOKENS)
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch_size,
+        temporal_patch_size=2,
+        merge_size=2,
+        size={"shortest_edge": (2 * patch_size) ** 2, "longest_edge": max_pixels},
+    )
+    head_dim = text_hidden // text_heads
+    quarter = head_dim // 2 // 4
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter],
+    }
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": text_hidden,
+        "intermediate_size": text_hidden * 2,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": text_heads,
+        "num_key_value_heads": max(1, text_heads // 2),
+        "max_position_embeddings": 4096,
+        "rope_parameters": rope,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    vision = {
+        "depth": vision_layers,
+        "num_heads": vision_heads,
+        "patch_size": patch_size,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    }
+    ids = {
+        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    }
+    if version == "2":
+        vision.update(embed_dim=vision_hidden, hidden_size=text_hidden, mlp_ratio=2)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+        model_class, processor_class = Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    else:
+        vision.update(
+            hidden_size=vision_hidden,
+            intermediate_size=vision_hidden * 2,
+            out_hidden_size=text_hidden,
+            window_size=window_size,
+            fullatt_block_indexes=[vision_layers // 2 - 1, vision_layers - 1],
+        )
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        model_class, processor_class = Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    config._attn_implementation = attn_implementation
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = model_class(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    processor = _image_only(processor_class)(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE
+    )
+    return model.to(dtype).eval(), processor

@@ -16,11 +16,14 @@ class PruningTrace:
     images: list[ImageTrace]
     grid_size: tuple[int, int]
     """Patch grid (rows, columns) the kept indices refer to (row-major, CLS excluded)."""
-    keep: int
+    keep: int | float
+    """The budget per image (a ratio where the configuration gave one)."""
     feature_layer: int
     """Encoder layer whose output fed the projector; layers after it did not run."""
     language_positions: torch.Tensor | None = None
     """Language-model pruning only: ``(B, L')`` prompt positions the layers after the pruning layer kept."""
+    image_grids: list[tuple[int, int]] | None = None
+    """Per image, its grid (rows, columns) when images differ in size (Qwen2-VL: the merged grid)."""
 
     @property
     def num_patches(self) -> int:
@@ -39,6 +42,7 @@ class PruningTrace:
 
     def kept_mask(self, image: int = 0) -> torch.Tensor:
         """``(rows, columns)`` boolean map of the kept patches of one image."""
-        mask = torch.zeros(self.num_patches, dtype=torch.bool)
+        grid = self.grid_size if self.image_grids is None else self.image_grids[image]
+        mask = torch.zeros(grid[0] * grid[1], dtype=torch.bool)
         mask[self.images[image].kept_indices] = True
-        return mask.view(self.grid_size)
+        return mask.view(grid)

@@ -16,6 +16,9 @@ from flowcut.core.scoring import CriteriaScores, cls_criteria
 class ClipEncoderAdapter:
     """Runs a ``CLIPVisionModel`` layer by layer for the encoder stage."""
 
+    query_slots = 1
+    """CLS sits at slot 0 and scores the patches."""
+
     def __init__(self, vision_tower: modeling_clip.CLIPVisionModel) -> None:
         if not isinstance(vision_tower, modeling_clip.CLIPVisionModel):
             raise TypeError(
@@ -68,8 +71,12 @@ class ClipEncoderAdapter:
         hidden_states: torch.Tensor,
         alive: torch.Tensor | None,
         recorder: AttentionRecorder | None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run layer ``index`` with its own attention implementation, recording q/k/v when asked."""
+        """Run layer ``index`` with its own attention implementation, recording q/k/v when asked.
+
+        CLIP's position embeddings were added at the input, so ``positions`` is not needed.
+        """
         if self._attention is None:
             raise RuntimeError("run_layer must be called inside ClipEncoderAdapter.session()")
         mask = None if alive is None else key_padding_mask(alive, self._implementation, hidden_states.dtype)

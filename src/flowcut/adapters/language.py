@@ -22,6 +22,9 @@ from flowcut.adapters.attention import RECORDING_ATTENTION, resolve_attention
 from flowcut.core.encoder_stage import AttentionRecorder
 from flowcut.core.language_stage import kept_positions, last_real_positions, last_token_scores
 
+Budgets = Callable[[torch.Tensor], tuple[list[list[int]], list[list[int]]]]
+"""From a ``(B, L)`` visual-token mask: per row, the lengths of its images and their budgets."""
+
 
 @dataclass
 class PromptLayout:
@@ -51,6 +54,8 @@ class PrunedPrompt:
     """The prompt that was scored, to recognise an uncached pass that continues it."""
     scored_positions: torch.Tensor | None = None
     """The kept positions of that scored prompt (``positions`` grows when a pass continues it)."""
+    filler: torch.Tensor | None = None
+    """``(B, L')``: kept slots that only pad a shorter row and must not be attended to (None: no such slot)."""
 
 
 def prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int) -> PromptLayout:
@@ -68,10 +73,9 @@ class DecoderPruner:
         attention_config: Any,
         eager_attention: Callable[..., Any],
         layer: int,
-        keep: int,
-        tokens_per_image: int,
+        budgets: Budgets,
         score: str,
-        on_prune: Callable[[torch.Tensor, torch.Tensor], None],
+        on_prune: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None],
     ) -> None:
         if not 0 <= layer < len(decoder_layers) - 1:
             raise ValueError(
@@ -82,8 +86,7 @@ class DecoderPruner:
         self.config = attention_config
         self.eager_attention = eager_attention
         self.layer = layer
-        self.keep = keep
-        self.tokens_per_image = tokens_per_image
+        self.budgets = budgets
         self.score = score
         self.on_prune = on_prune
         self.layout: PromptLayout | None = None
@@ -130,7 +133,11 @@ class DecoderPruner:
             base = previous.scored_positions
             added = torch.arange(scored.shape[1], input_ids.shape[1], device=base.device)
             positions = torch.cat([base, added.expand(input_ids.shape[0], -1)], dim=1)
-            pinned = PrunedPrompt(positions, input_ids.shape[1], None, layout.visual, scored, base)
+            filler = previous.filler
+            if filler is not None:  # the scored prompt's fillers, then the continuation's real tokens
+                continuation = torch.zeros_like(added, dtype=torch.bool).expand(len(filler), -1)
+                filler = torch.cat([filler[:, : base.shape[1]], continuation], dim=1)
+            pinned = PrunedPrompt(positions, input_ids.shape[1], None, layout.visual, scored, base, filler)
             self.layout, self._pinned, self.pruned = None, pinned, None
             return
         self.layout, self._pinned, self.pruned = layout, None, None
@@ -158,7 +165,7 @@ class DecoderPruner:
         if pinned is not None and not isinstance(output, BaseException):
             if _output_states(output).shape[1] == pinned.prompt_length:
                 self._pinned, self.pruned = None, pinned
-                self.on_prune(pinned.positions, pinned.visual)
+                self.on_prune(pinned.positions, pinned.visual, pinned.filler)
                 return _keep_positions(output, pinned.positions)
         if self._recorder is None:
             return None
@@ -178,11 +185,12 @@ class DecoderPruner:
             layout.visual,
             self.score,
         )
-        positions = kept_positions(scores, layout.visual, self.tokens_per_image, self.keep)
+        lengths, keeps = self.budgets(layout.visual)
+        positions, filler = kept_positions(scores, layout.visual, lengths, keeps)
         length = _output_states(output).shape[1]
-        self.pruned = PrunedPrompt(positions, length, None, layout.visual, layout.input_ids, scored_positions=positions)
+        self.pruned = PrunedPrompt(positions, length, None, layout.visual, layout.input_ids, positions, filler)
         self.layout = None  # used once: a later pass must not be pruned by this prompt's layout
-        self.on_prune(positions, layout.visual)
+        self.on_prune(positions, layout.visual, filler)
         return _keep_positions(output, positions)
 
     def _before_later_layer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -200,7 +208,8 @@ class DecoderPruner:
                     kwargs[name] = _gather_positions(kwargs[name], pruned.positions, pruned.prompt_length)
             mask = kwargs.get("attention_mask")
             if mask is not None:
-                kwargs["attention_mask"] = _cut_mask(mask, pruned.positions, pruned.prompt_length, rows_too=True)
+                mask = _cut_mask(mask, pruned.positions, pruned.prompt_length, rows_too=True)
+            kwargs["attention_mask"] = _hide_fillers(mask, pruned.filler, hidden_states, 0)
             return args, kwargs
         if cache is None or cache is not pruned.cache:
             raise RuntimeError(
@@ -209,7 +218,12 @@ class DecoderPruner:
             )
         mask = kwargs.get("attention_mask")
         if mask is not None:
-            kwargs["attention_mask"] = _cut_mask(mask, pruned.positions, pruned.prompt_length, rows_too=False)
+            mask = _cut_mask(mask, pruned.positions, pruned.prompt_length, rows_too=False)
+        if pruned.filler is not None:
+            past = cache.get_seq_length(module.self_attn.layer_idx)
+            kwargs["attention_mask"] = _hide_fillers(mask, pruned.filler, hidden_states, past)
+        else:
+            kwargs["attention_mask"] = mask
         return args, kwargs
 
 
@@ -256,6 +270,33 @@ def _gather_positions(values: Any, positions: torch.Tensor, length: int) -> Any:
     if values.dim() == 2 and values.shape[-1] == length:  # (B or 1, L) position ids
         return _gather(values.expand(batch, -1), positions, dim=1)
     raise ValueError(f"cannot cut position tensor of shape {tuple(values.shape)} to the kept tokens")
+
+
+def _hide_fillers(
+    mask: torch.Tensor | None, filler: torch.Tensor | None, hidden_states: torch.Tensor, past: int
+) -> torch.Tensor | None:
+    """The attention mask of a later layer with the filler slots of the prompt hidden from every query.
+
+    ``mask`` is the (already cut) mask or None (plain causal attention); ``past`` the tokens the
+    layer's cache held before this pass. Without fillers the mask is returned unchanged.
+    """
+    if filler is None:
+        return mask
+    batch, queries = hidden_states.shape[:2]
+    keys = past + queries
+    hidden = torch.zeros(batch, keys, dtype=torch.bool, device=hidden_states.device)
+    hidden[:, : filler.shape[1]] = filler.to(hidden.device)
+    if mask is not None and mask.dim() == 2:  # FlashAttention: (B, K) real-token mask
+        return mask.masked_fill(hidden, 0)
+    if mask is None:
+        # Causal attention over the cached keys and the new queries, built explicitly.
+        rows = torch.arange(queries, device=hidden.device)[:, None] + past
+        blocked = torch.arange(keys, device=hidden.device)[None, :] > rows
+        mask = torch.zeros(batch, 1, queries, keys, dtype=hidden_states.dtype, device=hidden.device)
+        mask = mask.masked_fill(blocked, torch.finfo(hidden_states.dtype).min)
+    if mask.dtype == torch.bool:  # True = may attend
+        return mask & ~hidden[:, None, None, :]
+    return mask.masked_fill(hidden[:, None, None, :], torch.finfo(mask.dtype).min)
 
 
 def _cut_mask(mask: torch.Tensor, positions: torch.Tensor, prompt_length: int, rows_too: bool) -> torch.Tensor:

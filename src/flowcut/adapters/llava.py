@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,8 +20,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from flowcut.adapters.clip import ClipEncoderAdapter
 from flowcut.adapters.language import DecoderPruner, prompt_layout
-from flowcut.config import FlowCutConfig
+from flowcut.adapters.processor import adapt_processor, restore_processor
+from flowcut.config import FlowCutConfig, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace
+from flowcut.core.language_stage import uniform_budgets
 from flowcut.methods import EncoderCall, get_method
 from flowcut.trace import PruningTrace
 
@@ -61,10 +64,11 @@ class LlavaFamily:
         self, model: LlavaForConditionalGeneration, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]
     ):
         self.model = model
-        self.config = config
         self.on_trace = on_trace
         self.base = model.model
         self.encoder = ClipEncoderAdapter(self.base.vision_tower)
+        # Every image has the same patch count, so a ratio is one token budget for all of them.
+        self.config = replace(config, keep=tokens_to_keep(config.keep, self.encoder.num_patches))
         model_config = model.config
         self.method = get_method(config.method)
         self.default_feature_layer = feature_layer_index(model_config.vision_feature_layer, self.encoder.num_layers)
@@ -82,8 +86,7 @@ class LlavaFamily:
                 attention.config,
                 sys.modules[type(attention).__module__].eager_attention_forward,
                 self.method.language_layer,
-                self.tokens_per_image,
-                self.encoder.num_patches,
+                lambda visual: uniform_budgets(visual, self.encoder.num_patches, self.tokens_per_image),
                 self.method.language_score,
                 self._language_trace,
             )
@@ -200,13 +203,13 @@ class LlavaFamily:
         layers, patches = self.encoder.num_layers, self.encoder.num_patches
         return ImageTrace(kept_indices, [patches] * layers, [], [None] * layers)
 
-    def _language_trace(self, positions: torch.Tensor, visual: torch.Tensor) -> None:
+    def _language_trace(self, positions: torch.Tensor, visual: torch.Tensor, filler: torch.Tensor | None) -> None:
         """Trace of a language-model prune: each image's kept visual tokens as patch indices."""
         num_patches = self.encoder.num_patches
         images = []
-        for row_positions, row_visual in zip(positions, visual, strict=True):
+        for b, (row_positions, row_visual) in enumerate(zip(positions, visual, strict=True)):
             kept = torch.zeros_like(row_visual)
-            kept[row_positions] = True
+            kept[row_positions if filler is None else row_positions[~filler[b]]] = True  # fillers are not kept
             for image in row_visual.nonzero().squeeze(1).split(num_patches):
                 indices = kept[image].nonzero().squeeze(1).cpu()
                 images.append(self._stock_image_trace(indices))
@@ -256,43 +259,15 @@ class LlavaFamily:
 
     def patch_processor(self, processor: Any) -> None:
         """Make ``processor`` emit ``keep`` image placeholders per image (instance-level, reversible)."""
-        if not hasattr(processor, "replace_image_token") or getattr(processor, "image_token", None) is None:
-            raise TypeError(f"expected a LLaVA processor with an image token, got {type(processor).__name__}")
-        if getattr(processor, "image_token_id", self.image_token_id) != self.image_token_id:
-            raise ValueError(
-                f"processor image token id {processor.image_token_id} differs from the model's {self.image_token_id}"
-            )
-        if "replace_image_token" in processor.__dict__:
-            raise ValueError(
-                "this processor is already adapted by another FlowCut handle; give each pruned model its own "
-                "processor instance (copy.deepcopy(processor))"
-            )
-        tokens = self.input_tokens_per_image
-        stock_replace = processor.replace_image_token
-        stock_counts = processor._get_num_multimodal_tokens
 
-        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-            """``keep`` placeholders per image (installed by flowcut.apply on this processor)."""
-            stock_count = stock_replace(image_inputs, image_idx=image_idx, **kwargs).count(processor.image_token)
+        def placeholders(stock_count: int) -> int:
             if stock_count != self.stock_tokens_per_image:
                 raise ValueError(
                     f"the processor makes {stock_count} image tokens per image but the vision tower has "
                     f"{self.stock_tokens_per_image} patches: processor and model do not match"
                 )
-            return processor.image_token * tokens
+            return self.input_tokens_per_image
 
-        def get_num_multimodal_tokens(image_sizes: Any = None, **kwargs: Any) -> Any:
-            """The stock counts with ``keep`` image tokens per image."""
-            data = stock_counts(image_sizes=image_sizes, **kwargs)
-            if getattr(data, "num_image_tokens", None) is not None:
-                data.num_image_tokens = [tokens] * len(data.num_image_tokens)
-            return data
+        adapt_processor(processor, self.image_token_id, "LLaVA", placeholders)
 
-        processor.replace_image_token = replace_image_token
-        processor._get_num_multimodal_tokens = get_num_multimodal_tokens
-
-    @staticmethod
-    def unpatch_processor(processor: Any) -> None:
-        """Undo :meth:`patch_processor`."""
-        processor.__dict__.pop("replace_image_token", None)
-        processor.__dict__.pop("_get_num_multimodal_tokens", None)
+    unpatch_processor = staticmethod(restore_processor)

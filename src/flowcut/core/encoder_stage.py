@@ -66,25 +66,48 @@ class AttentionRecorder:
     """Collects the attention inputs of the layer that is running; filled by the adapter's attention hook."""
 
     def __init__(self) -> None:
-        self.record: AttentionRecord | None = None
+        self.records: list[AttentionRecord] = []
+
+    @property
+    def record(self) -> AttentionRecord | None:
+        """The last capture, or None before the layer's attention ran."""
+        return self.records[-1] if self.records else None
 
     def capture(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
         """Keep references to the layer's projections (no copy, no extra compute)."""
-        self.record = AttentionRecord(query, key, value, scaling)
+        self.records.append(AttentionRecord(query, key, value, scaling))
 
     def take(self) -> AttentionRecord:
-        """Return the captured record and forget it."""
-        if self.record is None:
+        """Return what the layer's attention saw and forget it.
+
+        A layer whose attention runs in several calls (packed sequences attended chunk by chunk, as
+        Qwen2-VL's vision blocks do without FlashAttention) is captured once per call; the captures
+        are joined along the token axis, which is the packed sequence the layer was given.
+        """
+        if not self.records:
             raise RuntimeError("the layer ran without passing through FlowCut's recording attention")
-        record, self.record = self.record, None
-        return record
+        records, self.records = self.records, []
+        if len(records) == 1:
+            return records[0]
+        query, key, value = (
+            torch.cat([getattr(record, name) for record in records], dim=2) for name in ("query", "key", "value")
+        )
+        return AttentionRecord(query, key, value, records[0].scaling)
 
 
 class VisionEncoderAdapter(Protocol):
-    """What a model family provides to the encoder stage."""
+    """What a model family provides to the encoder stage.
+
+    The stage works on *units*: the patch tokens of a CLIP ViT, or the 2x2 merge groups of a Qwen
+    vision tower (pruned whole so that the merger still fuses real neighbours). ``query_slots`` is 1
+    when a CLS token sits at slot 0 and scores the units, 0 when the scoring query is computed from
+    the units themselves (the global token of CLS-free encoders).
+    """
+
+    query_slots: int
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Token embeddings entering layer 0, ``(B, 1 + N, D)`` with the query token (CLS) at slot 0."""
+        """Embeddings entering layer 0, ``(B, query_slots + N, D)`` (images with fewer units are padded)."""
         ...
 
     def run_layer(
@@ -93,12 +116,17 @@ class VisionEncoderAdapter(Protocol):
         hidden_states: torch.Tensor,
         alive: torch.Tensor | None,
         recorder: AttentionRecorder | None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run encoder layer ``index``; ``alive`` (B, K) masks padding slots; fill ``recorder`` if given."""
+        """Run encoder layer ``index``; fill ``recorder`` if given.
+
+        ``alive`` ``(B, K)`` masks padding slots (None: none); ``positions`` ``(B, K - query_slots)``
+        holds each unit slot's original unit index (None: all units, in order).
+        """
         ...
 
     def criteria(self, record: AttentionRecord, alive: torch.Tensor | None) -> CriteriaScores:
-        """The per-patch criteria (CLS excluded) from one layer's attention record."""
+        """The per-unit criteria (query slots excluded) from one layer's attention record."""
         ...
 
 
@@ -126,6 +154,8 @@ class EncoderStageOutput:
 
     hidden_states: torch.Tensor
     images: list[ImageTrace]
+    counts: list[int] = field(default_factory=list)
+    """Units each image kept (the first ``counts[b]`` unit slots of row ``b`` are real)."""
 
     @property
     def kept_indices(self) -> torch.Tensor:
@@ -136,10 +166,10 @@ class EncoderStageOutput:
 _SCORE_NAMES = ("relation", "semantic", "density", "score", "cumulative")
 
 
-def _slot_mask(counts: list[int], width: int, device: torch.device) -> torch.Tensor:
-    """``(B, 1 + width)`` mask of real slots: the query token plus the first ``count`` patch slots."""
+def _slot_mask(counts: list[int], width: int, query_slots: int, device: torch.device) -> torch.Tensor:
+    """``(B, query_slots + width)`` mask of real slots: the query slots plus the first ``count`` unit slots."""
     patch_slots = torch.arange(width, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
-    query_slot = torch.ones(len(counts), 1, dtype=torch.bool, device=device)
+    query_slot = torch.ones(len(counts), query_slots, dtype=torch.bool, device=device)
     return torch.cat([query_slot, patch_slots], dim=1)
 
 
@@ -151,21 +181,38 @@ def _grid_values(values: torch.Tensor, positions: torch.Tensor, count: int, num_
 
 
 def run_encoder_stage(
-    adapter: VisionEncoderAdapter, pixel_values: torch.Tensor, settings: EncoderStageSettings
+    adapter: VisionEncoderAdapter,
+    pixel_values: torch.Tensor,
+    settings: EncoderStageSettings,
+    counts: list[int] | None = None,
+    keeps: list[int] | None = None,
 ) -> EncoderStageOutput:
-    """Run the encoder up to the feature layer, pruning patches progressively down to ``settings.keep``."""
+    """Run the encoder up to the feature layer, pruning units progressively down to the budget.
+
+    ``counts`` are the images' unit counts when they differ (images of several resolutions, padded
+    by ``adapter.embed``); ``keeps`` the per-image budgets when they differ (default: ``settings.keep``
+    for every image). An image at or under its budget is never pruned.
+    """
     hidden_states = adapter.embed(pixel_values)
     batch_size, slots, _ = hidden_states.shape
-    num_patches = slots - 1
-    keep = settings.keep
-    if not 1 <= keep < num_patches:
-        raise ValueError(f"the encoder stage needs 1 <= keep < {num_patches} patches, got keep={keep}")
+    lead = adapter.query_slots
+    if counts is None:
+        counts = [slots - lead] * batch_size
+        if not 1 <= settings.keep < slots - lead:
+            raise ValueError(f"the encoder stage needs 1 <= keep < {slots - lead} patches, got keep={settings.keep}")
+    keeps = [settings.keep] * batch_size if keeps is None else list(keeps)
+    if len(counts) != batch_size or len(keeps) != batch_size or max(counts) != slots - lead:
+        raise ValueError("counts and keeps need one entry per image, and the longest image must fill the slots")
+    if min(keeps) < 1:
+        raise ValueError(f"every image must keep at least 1 unit, got {keeps}")
     if settings.last_prune_layer < 0:
         raise ValueError("the feature layer must have at least one encoder layer before it to prune in")
     device = hidden_states.device
 
-    counts = [num_patches] * batch_size
-    positions = torch.arange(num_patches, device=device).expand(batch_size, -1)
+    counts = list(counts)
+    unit_counts = list(counts)
+    positions = torch.arange(slots - lead, device=device).expand(batch_size, -1)
+    positions = positions.masked_fill(positions >= torch.tensor(counts, device=device)[:, None], -1)
     cumulative: torch.Tensor | None = None
     traces = [
         ImageTrace(
@@ -181,12 +228,12 @@ def run_encoder_stage(
     for index in range(settings.feature_layer + 1):
         width = max(counts)
         ragged = min(counts) != width
-        alive = _slot_mask(counts, width, device) if ragged else None
-        scoring = index <= settings.last_prune_layer and width > keep
+        alive = _slot_mask(counts, width, lead, device) if ragged else None
+        scoring = index <= settings.last_prune_layer and any(c > k for c, k in zip(counts, keeps, strict=True))
         if settings.one_shot:
             scoring = scoring and index == settings.last_prune_layer
         recorder = AttentionRecorder() if scoring else None
-        hidden_states = adapter.run_layer(index, hidden_states, alive, recorder)
+        hidden_states = adapter.run_layer(index, hidden_states, alive, recorder, positions)
         for trace, count in zip(traces, counts, strict=True):
             trace.tokens_per_layer.append(count)
         if not scoring:
@@ -196,14 +243,15 @@ def run_encoder_stage(
                     trace.scores[name].append(None)
             continue
 
-        patch_alive = alive[:, 1:] if alive is not None else None
-        criteria = adapter.criteria(recorder.take(), alive)
-        score = layer_score(criteria, patch_alive, settings.relation_only)
-        cumulative = update_cumulative(cumulative, score, settings.ema_weight)
-        ratios = entropy_ratio(criteria.relation, patch_alive)
+        patch_alive = alive[:, lead:] if alive is not None else None
+        with torch.no_grad():  # scores only choose tokens: no gradient flows through a selection
+            criteria = adapter.criteria(recorder.take(), alive)
+            score = layer_score(criteria, patch_alive, settings.relation_only)
+            cumulative = update_cumulative(cumulative, score, settings.ema_weight)
+            ratios = entropy_ratio(criteria.relation, patch_alive)
         for b, trace in enumerate(traces):
             # An image already at the budget is no longer scored, exactly as when it runs alone.
-            if counts[b] <= keep:
+            if counts[b] <= keeps[b]:
                 trace.entropy_ratios.append(None)
                 for name in trace.scores:
                     trace.scores[name].append(None)
@@ -212,21 +260,25 @@ def run_encoder_stage(
             if settings.record_scores:
                 per_slot = {
                     "relation": criteria.relation[b],
-                    "semantic": criteria.semantic[b],
+                    "semantic": criteria.semantic[b] if criteria.semantic is not None else None,
                     "density": criteria.density[b],
                     "score": score[b],
                     "cumulative": cumulative[b],
                 }
                 for name, values in per_slot.items():
-                    trace.scores[name].append(_grid_values(values, positions[b], counts[b], num_patches))
+                    grid = None if values is None else _grid_values(values, positions[b], counts[b], unit_counts[b])
+                    trace.scores[name].append(grid)
 
         remaining = settings.last_prune_layer - index
         if not is_prune_layer(remaining, settings.prune_interval):
             continue
         if settings.uniform_counts:
-            removed = [uniform_prune_count(count, keep, remaining, settings.prune_interval) for count in counts]
+            removed = [
+                uniform_prune_count(count, keep, remaining, settings.prune_interval)
+                for count, keep in zip(counts, keeps, strict=True)
+            ]
         else:
-            removed = [prune_count(count, keep, remaining, ratios[b]) for b, count in enumerate(counts)]
+            removed = [prune_count(count, keeps[b], remaining, ratios[b]) for b, count in enumerate(counts)]
         new_counts = [count - gone for count, gone in zip(counts, removed, strict=True)]
         if new_counts == counts:
             continue
@@ -234,7 +286,7 @@ def run_encoder_stage(
             select_kept(cumulative[b, :count], new)
             for b, (count, new) in enumerate(zip(counts, new_counts, strict=True))
         ]
-        hidden_states, positions, cumulative = _compact(hidden_states, positions, cumulative, kept_slots)
+        hidden_states, positions, cumulative = _compact(hidden_states, positions, cumulative, kept_slots, lead)
         for b, (trace, count, new) in enumerate(zip(traces, counts, new_counts, strict=True)):
             if new != count:
                 trace.prune_layers.append(index)
@@ -244,7 +296,7 @@ def run_encoder_stage(
     for b, trace in enumerate(traces):
         trace.kept_indices = positions[b, : counts[b]].cpu()
         trace.kept_after_prune = [kept.cpu() for kept in trace.kept_after_prune]
-    return EncoderStageOutput(hidden_states=hidden_states, images=traces)
+    return EncoderStageOutput(hidden_states=hidden_states, images=traces, counts=counts)
 
 
 def _compact(
@@ -252,17 +304,18 @@ def _compact(
     positions: torch.Tensor,
     cumulative: torch.Tensor,
     kept_slots: list[torch.Tensor],
+    lead: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep the given patch slots of every image (CLS stays at slot 0), packed to the longest image."""
+    """Keep the given unit slots of every image (query slots stay in front), packed to the longest image."""
     batch_size, _, dim = hidden_states.shape
     width = max(len(slots) for slots in kept_slots)
-    new_hidden = hidden_states.new_zeros(batch_size, 1 + width, dim)
+    new_hidden = hidden_states.new_zeros(batch_size, lead + width, dim)
     new_positions = positions.new_full((batch_size, width), -1)
     new_cumulative = cumulative.new_zeros(batch_size, width)
-    new_hidden[:, 0] = hidden_states[:, 0]
+    new_hidden[:, :lead] = hidden_states[:, :lead]
     for b, slots in enumerate(kept_slots):
         count = len(slots)
-        new_hidden[b, 1 : 1 + count] = hidden_states[b, 1 + slots]
+        new_hidden[b, lead : lead + count] = hidden_states[b, lead + slots]
         new_positions[b, :count] = positions[b, slots]
         new_cumulative[b, :count] = cumulative[b, slots]
     return new_hidden, new_positions, new_cumulative

@@ -69,24 +69,48 @@ def last_token_scores(
     return combined.masked_fill(~visual_keys, float("-inf"))
 
 
-def kept_positions(scores: torch.Tensor, visual: torch.Tensor, tokens_per_image: int, keep: int) -> torch.Tensor:
+def uniform_budgets(visual: torch.Tensor, tokens_per_image: int, keep: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Per row, the image lengths and budgets when every image has ``tokens_per_image`` visual tokens."""
+    lengths, keeps = [], []
+    for row_visual in visual:
+        count = int(row_visual.sum())
+        if count % tokens_per_image:
+            raise ValueError(f"a row holds {count} visual tokens, not a multiple of {tokens_per_image} per image")
+        lengths.append([tokens_per_image] * (count // tokens_per_image))
+        keeps.append([keep] * (count // tokens_per_image))
+    return lengths, keeps
+
+
+def kept_positions(
+    scores: torch.Tensor, visual: torch.Tensor, image_lengths: list[list[int]], keeps: list[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Positions that continue past the pruning layer: every non-visual one and each image's top ``keep``.
 
-    Visual tokens of a row form consecutive images of ``tokens_per_image`` tokens each (in order);
-    every row must hold the same number of images. Returns ``(B, L')`` ascending positions.
+    Row ``b``'s visual tokens are its images' tokens in order, ``image_lengths[b]`` of them per image;
+    ``keeps[b]`` are the images' budgets. Returns ``(B, L')`` ascending positions and, when rows keep
+    different numbers of tokens, a ``(B, L')`` mask of *filler* positions: pruned visual tokens that
+    pad a shorter row to the batch's length and that no later token may attend to (None otherwise).
     """
-    rows = []
-    for row_scores, row_visual in zip(scores, visual, strict=True):
+    rows, dropped = [], []
+    for row_scores, row_visual, lengths, row_keeps in zip(scores, visual, image_lengths, keeps, strict=True):
         positions = row_visual.nonzero().squeeze(1)
-        if len(positions) % tokens_per_image:
-            raise ValueError(
-                f"a row holds {len(positions)} visual tokens, not a multiple of {tokens_per_image} per image"
-            )
+        if sum(lengths) != len(positions):
+            raise ValueError(f"a row holds {len(positions)} visual tokens, but its images have {sum(lengths)}")
         keep_mask = ~row_visual
-        for image in positions.split(tokens_per_image):
+        for image, keep in zip(positions.split(lengths), row_keeps, strict=True):
             chosen = row_scores[image].topk(min(keep, len(image))).indices
             keep_mask[image[chosen]] = True
         rows.append(keep_mask.nonzero().squeeze(1))
-    if len({len(row) for row in rows}) > 1:
-        raise ValueError("every sample of a batch must hold the same number of images for language-model pruning")
-    return torch.stack(rows)
+        dropped.append((row_visual & ~keep_mask).nonzero().squeeze(1))
+    width = max(len(row) for row in rows)
+    if all(len(row) == width for row in rows):
+        return torch.stack(rows), None
+    # A row that dropped more tokens than others always has enough dropped tokens to pad with.
+    padded, fillers = [], []
+    for row, row_dropped in zip(rows, dropped, strict=True):
+        extra = row_dropped[: width - len(row)]
+        order = torch.cat([row, extra]).sort()
+        padded.append(order.values)
+        is_filler = torch.cat([torch.zeros_like(row, dtype=torch.bool), torch.ones_like(extra, dtype=torch.bool)])
+        fillers.append(is_filler[order.indices])
+    return torch.stack(padded), torch.stack(fillers)

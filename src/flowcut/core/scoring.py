@@ -42,10 +42,14 @@ def value_l1_norm(value: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CriteriaScores:
-    """The three per-patch criteria of one layer (CLS excluded), each ``(B, N)``."""
+    """The per-patch criteria of one layer (CLS excluded), each ``(B, N)``.
+
+    ``semantic`` is None where the encoder has no CLS value to compare with (the global-token view
+    of CLS-free encoders, SPEC §4); the score is then ``a/Σa · n``.
+    """
 
     relation: torch.Tensor
-    semantic: torch.Tensor
+    semantic: torch.Tensor | None
     density: torch.Tensor
 
 
@@ -67,6 +71,49 @@ def cls_criteria(
     return CriteriaScores(relation[:, 1:], semantic[:, 1:], density[:, 1:])
 
 
+def global_query_criteria(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    alive: torch.Tensor | None = None,
+) -> CriteriaScores:
+    """Relation and density of every token seen from the global token (encoders without CLS, SPEC §4).
+
+    The global token's query is, per head, the mean of the alive tokens' (post-rotary) queries; it
+    attends over every alive key. ``(B,H,K,d)`` projections in, ``(B,K)`` criteria out, no semantic term.
+    """
+    dtype = score_dtype(query.dtype)
+    query = query.to(dtype)
+    if alive is None:
+        global_query = query.mean(dim=2, keepdim=True)
+    else:
+        weights = alive[:, None, :, None].to(dtype)
+        global_query = (query * weights).sum(dim=2, keepdim=True) / weights.sum(dim=2, keepdim=True)
+    relation = row_attention(global_query, key, scaling, alive)
+    return CriteriaScores(relation, None, value_l1_norm(value))
+
+
+def group_criteria(criteria: CriteriaScores, group: int) -> CriteriaScores:
+    """Criteria of groups of ``group`` consecutive tokens: attention summed, density averaged.
+
+    The sum is the attention the whole group receives; the mean keeps density on the scale of one token.
+    """
+
+    def grouped(values: torch.Tensor | None, reduce: str) -> torch.Tensor | None:
+        if values is None:
+            return None
+        batch, tokens = values.shape
+        if tokens % group:
+            raise ValueError(f"{tokens} tokens do not form groups of {group}")
+        view = values.view(batch, tokens // group, group)
+        return view.sum(dim=-1) if reduce == "sum" else view.mean(dim=-1)
+
+    return CriteriaScores(
+        grouped(criteria.relation, "sum"), grouped(criteria.semantic, "sum"), grouped(criteria.density, "mean")
+    )
+
+
 def _masked_normalise(score: torch.Tensor, patch_alive: torch.Tensor | None) -> torch.Tensor:
     if patch_alive is not None:
         score = score.masked_fill(~patch_alive, 0.0)
@@ -79,10 +126,13 @@ def layer_score(
     """``S = (a/Σa + s/Σs) · n`` per patch; padded patches score 0.
 
     ``relation_only`` (ablation: multi-criteria off) scores by the CLS attention alone, ``S = a/Σa``.
+    Without a semantic term (global-token encoders) the score is ``S = a/Σa · n``.
     """
     relation = _masked_normalise(criteria.relation, patch_alive)
     if relation_only:
         score = relation
+    elif criteria.semantic is None:
+        score = relation * criteria.density
     else:
         score = (relation + _masked_normalise(criteria.semantic, patch_alive)) * criteria.density
     if patch_alive is not None:

@@ -1,0 +1,50 @@
+"""The processor side of a pruned model: each image's placeholder run shrinks to the tokens it keeps.
+
+Processors expand one image token into as many placeholders as the vision tower makes tokens
+(``replace_image_token``) and report those counts (``_get_num_multimodal_tokens``). Both are
+replaced on the one processor instance passed to :func:`flowcut.apply`, so the model's own
+placeholder check stays on and passes; :func:`restore_processor` undoes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def adapt_processor(processor: Any, image_token_id: int, family: str, placeholders: Callable[[int], int]) -> None:
+    """Make ``processor`` write ``placeholders(n)`` image tokens for an image it would give ``n``."""
+    if not hasattr(processor, "replace_image_token") or getattr(processor, "image_token", None) is None:
+        raise TypeError(f"expected a {family} processor with an image token, got {type(processor).__name__}")
+    if getattr(processor, "image_token_id", image_token_id) != image_token_id:
+        raise ValueError(
+            f"processor image token id {processor.image_token_id} differs from the model's {image_token_id}"
+        )
+    if "replace_image_token" in processor.__dict__:
+        raise ValueError(
+            "this processor is already adapted by another FlowCut handle; give each pruned model its own "
+            "processor instance (copy.deepcopy(processor))"
+        )
+    stock_replace = processor.replace_image_token
+    stock_counts = processor._get_num_multimodal_tokens
+
+    def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        """The image's pruned placeholder run (installed by flowcut.apply on this processor)."""
+        stock = stock_replace(image_inputs, image_idx=image_idx, **kwargs).count(processor.image_token)
+        return processor.image_token * placeholders(stock)
+
+    def get_num_multimodal_tokens(image_sizes: Any = None, **kwargs: Any) -> Any:
+        """The stock counts with each image's pruned placeholder count."""
+        data = stock_counts(image_sizes=image_sizes, **kwargs)
+        if getattr(data, "num_image_tokens", None) is not None:
+            data.num_image_tokens = [placeholders(count) for count in data.num_image_tokens]
+        return data
+
+    processor.replace_image_token = replace_image_token
+    processor._get_num_multimodal_tokens = get_num_multimodal_tokens
+
+
+def restore_processor(processor: Any) -> None:
+    """Undo :func:`adapt_processor`."""
+    processor.__dict__.pop("replace_image_token", None)
+    processor.__dict__.pop("_get_num_multimodal_tokens", None)
