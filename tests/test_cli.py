@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from conftest import make_image
 from flowcut.cli import app
 from flowcut.prompting import build_prompt
-from flowcut.tiny import build_processor, save_tiny_llava
+from flowcut.tiny import build_processor, build_tiny_llava_next, save_tiny_llava
 
 runner = CliRunner()
 
@@ -112,3 +112,20 @@ def test_generate_warns_about_words_the_tokenizer_does_not_know(saved):
     assert "words this model's tokenizer does not know: Circle, What" in result.output
     known = runner.invoke(app, [*arguments, "--prompt", "what colour is the circle ?"])
     assert "does not know" not in known.output
+
+
+def test_generate_on_llava_next_reports_both_stages(tmp_path):
+    model, processor = build_tiny_llava_next(seed=0, vision_layers=6, text_layers=4)
+    model.save_pretrained(tmp_path / "next")
+    processor.save_pretrained(tmp_path / "next")
+    image = tmp_path / "wide.png"
+    make_image(0, size=84).resize((150, 60)).save(image)
+    arguments = ["generate", "--model", str(tmp_path / "next"), "--image", str(image), "--prompt", "what colour ?"]
+    result = runner.invoke(app, [*arguments, "--keep", "64", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    # The stock model gives this 150x60 image 144 (base) + 10 x 24 (unpadded 1x2-crop grid) + 10 (newlines) tokens;
+    # FlowCut's encoder keeps 32 patches of the base view and of each crop, decoder layer 1 keeps 64.
+    assert "visual tokens: 64 of 394 (83.8% pruned); 96 enter the language model" in result.output
+    ratio = runner.invoke(app, [*arguments, "--keep", "0.25", "--max-new-tokens", "2"])
+    assert ratio.exit_code == 0, ratio.output
+    assert "visual tokens: 98 of 394" in ratio.output  # round(0.25 * 394) = 98 (half to even)

@@ -247,3 +247,20 @@ def test_eager_and_sdpa_keep_the_same_cells(version):
             kept.append([image.kept_after_prune[-1] for image in handle.last_trace.images])
     for sdpa, eager in zip(*kept, strict=True):
         assert torch.equal(sdpa, eager)
+
+
+def test_left_and_right_padding_give_the_same_next_token(qwen):
+    from flowcut.evaluate import last_token_logits
+
+    model, processor = qwen
+    processor = copy.deepcopy(processor)
+    with flowcut.apply(model, processor=processor, keep=0.2) as handle, torch.no_grad():
+        tokens = []
+        for side in ("left", "right"):
+            processor.tokenizer.padding_side = side
+            inputs = inputs_for(processor, [[WIDE, TALL], [TALL]])
+            logits = model(**inputs).logits
+            kept = handle.last_trace.language_positions
+            tokens.append(last_token_logits(logits, inputs["attention_mask"], kept).argmax(-1))
+        processor.tokenizer.padding_side = "left"
+    assert torch.equal(tokens[0], tokens[1])

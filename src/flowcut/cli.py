@@ -151,7 +151,9 @@ def generate(
     image: Annotated[Path, typer.Option(help="Image file to ask about.")],
     prompt: Annotated[str, typer.Option(help="Question about the image.")],
     model: ModelOption = None,
-    keep: Annotated[int, typer.Option(help="Visual tokens per image that reach the language model.")] = 64,
+    keep: Annotated[
+        str, typer.Option(help="Visual tokens per image that reach the language model, or a ratio in (0, 1).")
+    ] = "64",
     method: Annotated[str, typer.Option(help=f"Pruning method: {', '.join(METHODS)}.")] = "flowcut",
     schedule: Annotated[str, typer.Option(help=f"FlowCut ablation: {', '.join(SCHEDULES)}.")] = "progressive",
     counts: Annotated[str, typer.Option(help=f"FlowCut ablation: {', '.join(COUNTS)}.")] = "adaptive",
@@ -172,7 +174,7 @@ def generate(
     device, dtype = _resolve_device_dtype(device, dtype)
     try:
         config = FlowCutConfig(
-            keep=keep,
+            keep=_parse_keep(keep),
             method=method,
             schedule=schedule,
             counts=counts,
@@ -215,14 +217,33 @@ def generate(
     answer = processor.decode(new_tokens, skip_special_tokens=True).strip()
     trace = handle.last_trace
     report.print(answer, markup=False)
-    report.print(
-        f"tokens kept: {handle.tokens_per_image} of {trace.num_patches} per image "
-        f"({100 * (1 - handle.tokens_per_image / trace.num_patches):.1f}% pruned)"
-    )
+    if trace.image_tokens:  # two-stage families: the budget applies after the pruning decoder layer
+        stock, entering, kept = trace.image_tokens[0]
+        report.print(
+            f"visual tokens: {kept} of {stock} ({100 * (1 - kept / stock):.1f}% pruned); "
+            f"{entering} enter the language model, {kept} continue after decoder layer 1"
+        )
+    else:
+        report.print(
+            f"tokens kept: {handle.tokens_per_image} of {trace.num_patches} per image "
+            f"({100 * (1 - handle.tokens_per_image / trace.num_patches):.1f}% pruned)"
+        )
     report.print(
         f"prefill (vision encoder + prompt): {1000 * (first_pass_end[0] - start):.1f} ms, "
         f"total: {1000 * total:.1f} ms for {new_tokens.numel()} new tokens on {device} ({dtype})"
     )
+
+
+def _parse_keep(text: str) -> int | float:
+    """``--keep``: a whole number of tokens (``64``) or a ratio (``0.111``)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        _fail(f"--keep must be a number of tokens or a ratio in (0, 1), got {text!r}")
 
 
 def _name_list(text: str) -> list[str]:

@@ -16,6 +16,9 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -26,6 +29,7 @@ from transformers import (
     Qwen2VLProcessor,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
@@ -290,4 +294,57 @@ def build_tiny_qwen(
     processor = _image_only(processor_class)(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE
     )
+    return model.to(dtype).eval(), processor
+
+
+def build_tiny_llava_next(
+    seed: int = 0,
+    image_size: int = 84,
+    patch_size: int = 7,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    **config_options: int | float,
+) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """A random tiny LLaVA-NeXT (anyres: a base view plus a grid of up to 2x2 crops) and its processor."""
+    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    tokenizer = build_tokenizer()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    llava = tiny_llava_config(
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        image_size=image_size,
+        patch_size=patch_size,
+        **config_options,
+    )
+    config = LlavaNextConfig(
+        vision_config=llava.vision_config,
+        text_config=llava.text_config,
+        image_token_id=llava.image_token_id,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config._attn_implementation = attn_implementation
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlavaNextForConditionalGeneration(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.to(dtype).eval(), processor

@@ -22,6 +22,9 @@ class PruningTrace:
     """Encoder layer whose output fed the projector; layers after it did not run."""
     language_positions: torch.Tensor | None = None
     """Language-model pruning only: ``(B, L')`` prompt positions the layers after the pruning layer kept."""
+    image_tokens: list[tuple[int, int, int]] | None = None
+    """Two-stage model families: per image, its visual tokens in the unpruned model, those entering the
+    language model (the layers up to the pruning layer see them) and those the later layers see."""
     image_grids: list[tuple[int, int]] | None = None
     """Per image, its grid (rows, columns) when images differ in size (Qwen2-VL: the merged grid)."""
 

@@ -260,7 +260,7 @@ class LlavaFamily:
     def patch_processor(self, processor: Any) -> None:
         """Make ``processor`` emit ``keep`` image placeholders per image (instance-level, reversible)."""
 
-        def placeholders(stock_count: int) -> int:
+        def placeholders(stock_count: int, image_size: Any) -> int:
             if stock_count != self.stock_tokens_per_image:
                 raise ValueError(
                     f"the processor makes {stock_count} image tokens per image but the vision tower has "

@@ -12,8 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 
-def adapt_processor(processor: Any, image_token_id: int, family: str, placeholders: Callable[[int], int]) -> None:
-    """Make ``processor`` write ``placeholders(n)`` image tokens for an image it would give ``n``."""
+def adapt_processor(processor: Any, image_token_id: int, family: str, placeholders: Callable[[int, Any], int]) -> None:
+    """Make ``processor`` write ``placeholders(n, size)`` image tokens for an image of ``size`` it would give ``n``.
+
+    ``size`` is the image's original (height, width) where the processor reports it, else None.
+    """
     if not hasattr(processor, "replace_image_token") or getattr(processor, "image_token", None) is None:
         raise TypeError(f"expected a {family} processor with an image token, got {type(processor).__name__}")
     if getattr(processor, "image_token_id", image_token_id) != image_token_id:
@@ -31,13 +34,19 @@ def adapt_processor(processor: Any, image_token_id: int, family: str, placeholde
     def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         """The image's pruned placeholder run (installed by flowcut.apply on this processor)."""
         stock = stock_replace(image_inputs, image_idx=image_idx, **kwargs).count(processor.image_token)
-        return processor.image_token * placeholders(stock)
+        sizes = image_inputs.get("image_sizes")
+        size = None if sizes is None else tuple(int(side) for side in sizes[image_idx])
+        return processor.image_token * placeholders(stock, size)
 
     def get_num_multimodal_tokens(image_sizes: Any = None, **kwargs: Any) -> Any:
         """The stock counts with each image's pruned placeholder count."""
         data = stock_counts(image_sizes=image_sizes, **kwargs)
         if getattr(data, "num_image_tokens", None) is not None:
-            data.num_image_tokens = [placeholders(count) for count in data.num_image_tokens]
+            sizes = image_sizes if image_sizes is not None else [None] * len(data.num_image_tokens)
+            data.num_image_tokens = [
+                placeholders(count, None if size is None else tuple(size))
+                for count, size in zip(data.num_image_tokens, sizes, strict=True)
+            ]
         return data
 
     processor.replace_image_token = replace_image_token

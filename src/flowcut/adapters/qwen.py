@@ -35,6 +35,7 @@ from flowcut.adapters.processor import adapt_processor, restore_processor
 from flowcut.adapters.qwen_vision import QwenVisionAdapter
 from flowcut.config import FlowCutConfig, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace, run_encoder_stage
+from flowcut.core.language_stage import sequential_budgets
 from flowcut.methods import get_method
 from flowcut.methods.flowcut import stage_settings
 from flowcut.trace import PruningTrace
@@ -327,20 +328,7 @@ class QwenFamily:
         """Per row, the placeholder count and budget of each of its images (images in batch order)."""
         if self.prompt is None:
             raise RuntimeError("the language-model stage ran without the images' grids (pass image_grid_thw)")
-        lengths, keeps, image = [], [], 0
-        for row_visual in visual:
-            remaining = int(row_visual.sum())
-            row_lengths, row_keeps = [], []
-            while remaining > 0:
-                if image >= len(self.prompt.placeholders):
-                    raise ValueError("the prompts hold more image tokens than their images have")
-                row_lengths.append(self.prompt.placeholders[image])
-                row_keeps.append(self.prompt.budgets[image])
-                remaining -= self.prompt.placeholders[image]
-                image += 1
-            lengths.append(row_lengths)
-            keeps.append(row_keeps)
-        return lengths, keeps
+        return sequential_budgets(visual, self.prompt.placeholders, self.prompt.budgets)
 
     # -- traces -------------------------------------------------------------------------------
 
@@ -350,7 +338,10 @@ class QwenFamily:
             ImageTrace(torch.arange(rows * columns), [rows * columns] * layers, [], [None] * layers)
             for rows, columns in prompt.grids
         ]
-        self.on_trace(PruningTrace(images, prompt.grids[0], self.config.keep, layers - 1, image_grids=prompt.grids))
+        tokens = [(rows * columns,) * 3 for rows, columns in prompt.grids]
+        trace = PruningTrace(images, prompt.grids[0], self.config.keep, layers - 1, image_grids=prompt.grids)
+        trace.image_tokens = tokens
+        self.on_trace(trace)
 
     def _language_trace(self, positions: torch.Tensor, visual: torch.Tensor, filler: torch.Tensor | None) -> None:
         """Trace of a language-model prune: each image's surviving tokens as merged-grid cells."""
@@ -374,14 +365,20 @@ class QwenFamily:
                     images.append(replace(prompt.encoder_images[image], kept_indices=survivors))
                 offset += count
                 image += 1
+        tokens = [
+            (rows * columns, count, len(image.kept_indices))
+            for (rows, columns), count, image in zip(prompt.grids, prompt.placeholders, images, strict=True)
+        ]
         self.on_trace(
-            PruningTrace(images, prompt.grids[0], self.config.keep, layers - 1, positions, image_grids=prompt.grids)
+            PruningTrace(
+                images, prompt.grids[0], self.config.keep, layers - 1, positions, tokens, image_grids=prompt.grids
+            )
         )
 
     # -- processor side ---------------------------------------------------------------------
 
     def patch_processor(self, processor: Any) -> None:
         """Make ``processor`` write each image's pruned placeholder count (instance-level, reversible)."""
-        adapt_processor(processor, self.image_token_id, "Qwen2-VL", self.placeholders)
+        adapt_processor(processor, self.image_token_id, "Qwen2-VL", lambda units, size: self.placeholders(units))
 
     unpatch_processor = staticmethod(restore_processor)

@@ -186,12 +186,16 @@ def run_encoder_stage(
     settings: EncoderStageSettings,
     counts: list[int] | None = None,
     keeps: list[int] | None = None,
+    eligible: list[torch.Tensor | None] | None = None,
 ) -> EncoderStageOutput:
     """Run the encoder up to the feature layer, pruning units progressively down to the budget.
 
     ``counts`` are the images' unit counts when they differ (images of several resolutions, padded
     by ``adapter.embed``); ``keeps`` the per-image budgets when they differ (default: ``settings.keep``
-    for every image). An image at or under its budget is never pruned.
+    for every image). An image at or under its budget is never pruned. ``eligible`` optionally marks,
+    per image, the units that may survive (e.g. LLaVA-NeXT crops whose padding is unpadded away
+    later): the others take part in attention and in the schedule, but every prune step drops them
+    first, so the image ends with exactly its budget of eligible units.
     """
     hidden_states = adapter.embed(pixel_values)
     batch_size, slots, _ = hidden_states.shape
@@ -205,6 +209,10 @@ def run_encoder_stage(
         raise ValueError("counts and keeps need one entry per image, and the longest image must fill the slots")
     if min(keeps) < 1:
         raise ValueError(f"every image must keep at least 1 unit, got {keeps}")
+    eligible = [None] * batch_size if eligible is None else list(eligible)
+    for keep, mask in zip(keeps, eligible, strict=True):
+        if mask is not None and int(mask.sum()) < keep:
+            raise ValueError(f"an image has {int(mask.sum())} eligible units, fewer than its budget of {keep}")
     if settings.last_prune_layer < 0:
         raise ValueError("the feature layer must have at least one encoder layer before it to prune in")
     device = hidden_states.device
@@ -283,7 +291,7 @@ def run_encoder_stage(
         if new_counts == counts:
             continue
         kept_slots = [
-            select_kept(cumulative[b, :count], new)
+            select_kept(_eligible_scores(cumulative[b, :count], eligible[b], positions[b, :count]), new)
             for b, (count, new) in enumerate(zip(counts, new_counts, strict=True))
         ]
         hidden_states, positions, cumulative = _compact(hidden_states, positions, cumulative, kept_slots, lead)
@@ -297,6 +305,14 @@ def run_encoder_stage(
         trace.kept_indices = positions[b, : counts[b]].cpu()
         trace.kept_after_prune = [kept.cpu() for kept in trace.kept_after_prune]
     return EncoderStageOutput(hidden_states=hidden_states, images=traces, counts=counts)
+
+
+def _eligible_scores(cumulative: torch.Tensor, eligible: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    """One image's cumulative scores with its ineligible units ranked last."""
+    if eligible is None:
+        return cumulative
+    allowed = eligible.to(positions.device)[positions]
+    return cumulative.masked_fill(~allowed, float("-inf"))
 
 
 def _compact(

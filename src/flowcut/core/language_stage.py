@@ -81,6 +81,34 @@ def uniform_budgets(visual: torch.Tensor, tokens_per_image: int, keep: int) -> t
     return lengths, keeps
 
 
+def sequential_budgets(
+    visual: torch.Tensor, lengths: list[int], keeps: list[int]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Per row, its images' lengths and budgets, for images given in batch order (row by row).
+
+    Images may differ in length (dynamic resolution, anyres crops) and rows may hold any number of
+    them, none included; each row's visual tokens must be exactly its images' tokens.
+    """
+    row_lengths, row_keeps, image = [], [], 0
+    for row_visual in visual:
+        remaining = int(row_visual.sum())
+        these_lengths, these_keeps = [], []
+        while remaining > 0:
+            if image >= len(lengths):
+                raise ValueError("the prompts hold more image tokens than their images have")
+            these_lengths.append(lengths[image])
+            these_keeps.append(keeps[image])
+            remaining -= lengths[image]
+            image += 1
+        if remaining < 0:
+            raise ValueError("a row's image tokens do not add up to whole images")
+        row_lengths.append(these_lengths)
+        row_keeps.append(these_keeps)
+    if image != len(lengths):
+        raise ValueError(f"the prompts hold image tokens for {image} images, but {len(lengths)} images were given")
+    return row_lengths, row_keeps
+
+
 def kept_positions(
     scores: torch.Tensor, visual: torch.Tensor, image_lengths: list[list[int]], keeps: list[list[int]]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

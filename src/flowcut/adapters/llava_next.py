@@ -1,0 +1,344 @@
+"""LLaVA-NeXT family adapter (``LlavaNextForConditionalGeneration``: anyres crops of a CLIP tower).
+
+Two stages, as SPEC §4 defines them. An image is a base view plus a grid of crops; unpruned, the
+language model sees the base view's patches, then the grid's patches laid out as one big image,
+unpadded (the rows or columns that only cover the letterbox padding are removed), with an
+image-newline token after every row. With a budget of ``T`` tokens per image:
+
+1. Encoder stage (``method="flowcut"``): the shared progressive stage prunes every crop on its own
+   (base view included) to ``T // 2`` patches. Patches that unpadding would remove are *ineligible*:
+   they take part in attention and in the schedule but are always dropped first, so every kept
+   patch reaches the language model and the count is known before the image is encoded (the
+   processor writes it, the model's own placeholder check stays on). The kept patches are put back
+   in their spatial order: the base view's, then the grid's row by row over the whole unpadded
+   grid. Image-newline tokens are dropped, as in the authors' code (the kept patches no longer form
+   rows).
+2. Language-model stage: after decoder layer 1 each image keeps its best ``T`` visual tokens by the
+   last prompt token's FlowCut score (SPEC §3); ``method="fastv"`` skips stage 1 and ranks all the
+   stock tokens (newlines included) by attention.
+
+Where stage 1 would keep every patch of a crop (``T // 2`` at least the patches of a crop), the
+image takes the stock path (with its newlines) and only stage 2 prunes. ``keep`` at or above an
+image's stock token count leaves it untouched.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import LlavaNextForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+    unpad_image,
+)
+
+from flowcut.adapters.clip import ClipEncoderAdapter
+from flowcut.adapters.language import DecoderPruner, prompt_layout
+from flowcut.adapters.llava import check_select_strategy, feature_layer_index
+from flowcut.adapters.processor import adapt_processor, restore_processor
+from flowcut.config import FlowCutConfig, tokens_to_keep
+from flowcut.core.encoder_stage import ImageTrace, run_encoder_stage
+from flowcut.core.language_stage import sequential_budgets
+from flowcut.methods import get_method
+from flowcut.methods.flowcut import stage_settings
+from flowcut.trace import PruningTrace
+
+METHODS = ("flowcut", "fastv", "none")
+"""Methods available for LLaVA-NeXT."""
+
+
+@dataclass
+class ImageLayout:
+    """Where one image's tokens come from, and what the budget makes of them."""
+
+    crop_grid: tuple[int, int]
+    """Grid crops (rows, columns) besides the base view."""
+    stock_tokens: int
+    """Visual tokens of the unpruned model: base view + unpadded grid + one newline per grid row."""
+    eligible: list[torch.Tensor]
+    """Per grid crop, the ``(patches,)`` mask of its patches that survive unpadding."""
+    grid_index: list[torch.Tensor]
+    """Per grid crop, each patch's row-major index in the whole grid (its spatial order)."""
+    budget: int
+    """``T``: the image's visual tokens in the decoder layers after the pruning layer."""
+    crop_keeps: list[int] | None
+    """Encoder stage: patches kept per crop (base view first); None where the image takes the stock path."""
+
+    @property
+    def placeholders(self) -> int:
+        """Visual tokens entering the language model."""
+        return self.stock_tokens if self.crop_keeps is None else sum(self.crop_keeps)
+
+
+@dataclass
+class _Prompt:
+    layouts: list[ImageLayout]
+    crop_traces: list[ImageTrace] | None = None
+
+
+class LlavaNextFamily:
+    """Installs FlowCut on one ``LlavaNextForConditionalGeneration`` instance and removes it again."""
+
+    model_classes = (LlavaNextForConditionalGeneration,)
+
+    def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
+        if config.method not in METHODS:
+            raise ValueError(
+                f"method {config.method!r} is not available for {type(model).__name__}; available: {', '.join(METHODS)}"
+            )
+        self.model = model
+        self.config = config
+        self.on_trace = on_trace
+        self.method = get_method(config.method)
+        self.base = model.model
+        self.encoder = ClipEncoderAdapter(self.base.vision_tower)
+        model_config = model.config
+        self.feature_layer = feature_layer_index(model_config.vision_feature_layer, self.encoder.num_layers)
+        check_select_strategy(model_config.vision_feature_select_strategy)
+        self.image_token_id = model_config.image_token_id
+        self.pinpoints = model_config.image_grid_pinpoints
+        self.crop_pixels = model_config.vision_config.image_size
+        self.prompt: _Prompt | None = None
+        self._hook = None
+        self.pruner: DecoderPruner | None = None
+        if self.method.prunes:
+            layers = list(self.base.language_model.layers)
+            attention = layers[0].self_attn
+            self.pruner = DecoderPruner(
+                layers,
+                attention.config,
+                sys.modules[type(attention).__module__].eager_attention_forward,
+                self.method.language_layer,
+                self._budgets,
+                "flowcut" if config.method == "flowcut" else self.method.language_score,
+                self._language_trace,
+            )
+
+    @property
+    def tokens_per_image(self) -> int | float:
+        """The budget per image: a token count, or the configured ratio of each image's stock tokens."""
+        return self.config.keep
+
+    # -- layouts and budgets --------------------------------------------------------------------
+
+    def layout(self, image_size: Any) -> ImageLayout:
+        """The token layout and budgets of an image of ``image_size`` (height, width)."""
+        size = [int(side) for side in (image_size.tolist() if hasattr(image_size, "tolist") else image_size)]
+        rows, columns = get_anyres_image_grid_shape(size, self.pinpoints, self.crop_pixels)
+        side = self.encoder.grid_size[0]
+        patches = side * side
+        grid = torch.arange(rows * side * columns * side).view(1, rows * side, columns * side)
+        survivors = unpad_image(grid, size)
+        unpadded_rows, unpadded_columns = survivors.shape[1:]
+        kept_cells = torch.zeros(grid.numel(), dtype=torch.bool)
+        kept_cells[survivors.flatten()] = True
+        eligible, grid_index = [], []
+        for crop in range(rows * columns):
+            crop_row, crop_column = divmod(crop, columns)
+            patch_rows = torch.arange(side).repeat_interleave(side)
+            patch_columns = torch.arange(side).repeat(side)
+            index = (crop_row * side + patch_rows) * (columns * side) + crop_column * side + patch_columns
+            grid_index.append(index)
+            eligible.append(kept_cells[index])
+        stock = patches + unpadded_rows * unpadded_columns + unpadded_rows
+        budget = tokens_to_keep(self.config.keep, stock) if self.method.prunes else stock
+        crop_keeps = None
+        if self.config.method == "flowcut" and budget < stock and budget // 2 < patches:
+            half = max(1, budget // 2)
+            crop_keeps = [half] + [min(half, int(mask.sum())) for mask in eligible]
+        return ImageLayout((rows, columns), stock, eligible, grid_index, budget, crop_keeps)
+
+    def _budgets(self, visual: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
+        if self.prompt is None:
+            raise RuntimeError("the language-model stage ran without its images' layouts")
+        layouts = self.prompt.layouts
+        return sequential_budgets(visual, [lay.placeholders for lay in layouts], [lay.budget for lay in layouts])
+
+    # -- model side -------------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Route this instance's image features through FlowCut."""
+        family = self
+        stock = type(self.base).get_image_features.__get__(self.base)
+
+        def get_image_features(pixel_values: torch.Tensor, image_sizes: torch.Tensor, **kwargs: Any) -> Any:
+            """Image features pruned by FlowCut's encoder stage (installed by flowcut.apply on this instance)."""
+            return family.image_features(stock, pixel_values, image_sizes, **kwargs)
+
+        self.base.get_image_features = get_image_features
+        self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        if self.pruner is not None:
+            self.pruner.install()
+
+    def uninstall(self) -> None:
+        """Restore the instance exactly as it was before :meth:`install`."""
+        self.base.__dict__.pop("get_image_features", None)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.pruner is not None:
+            self.pruner.remove()
+        self.prompt = None
+
+    def image_features(
+        self, stock: Callable[..., Any], pixel_values: torch.Tensor, image_sizes: torch.Tensor, **kwargs: Any
+    ) -> Any:
+        """FlowCut's replacement for ``LlavaNextModel.get_image_features``."""
+        for name in ("vision_feature_layer", "vision_feature_select_strategy"):
+            if kwargs.get(name) is not None and kwargs[name] != getattr(self.model.config, name):
+                raise ValueError(f"FlowCut's LLaVA-NeXT path uses the model's {name}; got {kwargs[name]!r}")
+        layouts = [self.layout(size) for size in image_sizes]
+        self.prompt = _Prompt(layouts)
+        pruned = [i for i, lay in enumerate(layouts) if lay.crop_keeps is not None]
+        if not pruned:
+            output = stock(pixel_values, image_sizes, **kwargs)
+            self._trace_without_language_stage()
+            return output
+        crops_per_image = [
+            image_size_to_num_patches(size, self.pinpoints, self.crop_pixels) for size in image_sizes.tolist()
+        ]
+        if pixel_values.dim() == 5:
+            crops = [image[:count] for image, count in zip(pixel_values, crops_per_image, strict=True)]
+        else:
+            crops = list(pixel_values.split(crops_per_image))
+        features: list[torch.Tensor | None] = [None] * len(layouts)
+        stock_images = [i for i in range(len(layouts)) if i not in pruned]
+        if stock_images:
+            stock_out = stock(torch.cat([crops[i] for i in stock_images]), image_sizes[stock_images], return_dict=True)
+            for i, feature in zip(stock_images, stock_out.pooler_output, strict=True):
+                features[i] = feature
+        features_pruned, crop_traces = self._prune_images([crops[i] for i in pruned], [layouts[i] for i in pruned])
+        for i, feature in zip(pruned, features_pruned, strict=True):
+            features[i] = feature
+        self.prompt.crop_traces = crop_traces
+        self._trace_without_language_stage()
+        output = BaseModelOutputWithPooling(pooler_output=features)
+        return output if kwargs.get("return_dict", True) else output.to_tuple()
+
+    def _prune_images(
+        self, crops: list[torch.Tensor], layouts: list[ImageLayout]
+    ) -> tuple[list[torch.Tensor], list[ImageTrace]]:
+        """Run the encoder stage over every crop of the given images at once; assemble each image's tokens."""
+        batch, keeps, eligible, owners = [], [], [], []
+        for image, (image_crops, lay) in enumerate(zip(crops, layouts, strict=True)):
+            masks = [None, *lay.eligible]
+            for crop, (pixels, keep, mask) in enumerate(zip(image_crops, lay.crop_keeps, masks, strict=True)):
+                if keep == 0:
+                    continue  # a crop that lies wholly in the letterbox padding contributes nothing
+                batch.append(pixels)
+                keeps.append(keep)
+                eligible.append(mask)
+                owners.append((image, crop))
+        settings = stage_settings(self.config, max(keeps), self.feature_layer)
+        with self.encoder.session():
+            stage = run_encoder_stage(self.encoder, torch.stack(batch), settings, None, keeps, eligible)
+        projected = self.base.multi_modal_projector(stage.hidden_states[:, 1:])
+        parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in layouts]
+        base_patches = self.encoder.num_patches
+        for row, ((image, crop), trace) in enumerate(zip(owners, stage.images, strict=True)):
+            count = stage.counts[row]
+            if crop == 0:
+                order = trace.kept_indices
+            else:  # after every base-view patch, at its place in the whole grid
+                order = base_patches + layouts[image].grid_index[crop - 1][trace.kept_indices]
+            parts[image].append((order, projected[row, :count]))
+        features = []
+        for image_parts in parts:
+            # Base view first, then the grid's kept patches in row-major order over the whole grid.
+            order = torch.cat([position for position, _ in image_parts])
+            tokens = torch.cat([token for _, token in image_parts])
+            features.append(tokens[order.argsort().to(tokens.device)])
+        return features, stage.images
+
+    def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Check the placeholders; tell the language-model pruner about a fresh prompt."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        if getattr(cache, "is_compileable", False) and self.pruner is not None:
+            raise ValueError(
+                f"method {self.config.method!r} prunes inside the language model and needs a dynamic KV cache; "
+                "static (compileable) caches keep the full prompt length"
+            )
+        if cache is not None and cache.get_seq_length() > 0:
+            return
+        if kwargs.get("pixel_values") is not None:
+            sizes = kwargs.get("image_sizes")
+            if sizes is None:
+                raise ValueError("LLaVA-NeXT needs image_sizes (the processor returns them)")
+            layouts = [self.layout(size) for size in sizes]
+        elif (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None and self.prompt is not None:
+            layouts = self.prompt.layouts  # encoded by generate through this instance's get_image_features
+        else:
+            layouts = []
+            self.prompt = None
+        if input_ids is not None and layouts:
+            self._check_placeholders(input_ids, layouts)
+        if self.pruner is not None:
+            language_prunes = any(lay.budget < lay.placeholders for lay in layouts)
+            if language_prunes and input_ids is None:
+                raise ValueError(f"method {self.config.method!r} needs input_ids to find the image tokens")
+            layout = None
+            if language_prunes:
+                layout = prompt_layout(input_ids, kwargs.get("attention_mask"), self.image_token_id)
+                self.prompt = self.prompt if self.prompt is not None else _Prompt(layouts)
+            self.pruner.start_prefill(layout)
+
+    def _check_placeholders(self, input_ids: torch.Tensor, layouts: list[ImageLayout]) -> None:
+        placeholders = int((input_ids == self.image_token_id).sum())
+        expected = sum(lay.placeholders for lay in layouts)
+        stock = sum(lay.stock_tokens for lay in layouts)
+        if placeholders != expected and placeholders == stock:
+            raise ValueError(
+                f"the prompt holds {stock} image tokens for its images, but this model keeps {expected}: build "
+                "inputs with the processor passed to flowcut.apply(model, processor=processor, keep=...), "
+                "which shrinks the placeholders to match"
+            )
+
+    def _language_trace(self, positions: torch.Tensor, visual: torch.Tensor, filler: torch.Tensor | None) -> None:
+        """Per image: its stock visual tokens, those entering the language model, those kept after layer 1."""
+        layouts = iter(self.prompt.layouts)
+        lengths, _ = self._budgets(visual)
+        tokens = []
+        for b, (row_positions, row_visual) in enumerate(zip(positions, visual, strict=True)):
+            kept = torch.zeros_like(row_visual)
+            kept[row_positions if filler is None else row_positions[~filler[b]]] = True
+            for span in row_visual.nonzero().squeeze(1).split(lengths[b]):
+                tokens.append((next(layouts).stock_tokens, len(span), int(kept[span].sum())))
+        self._trace(tokens, positions)
+
+    def _trace_without_language_stage(self) -> None:
+        """The trace of images that no decoder layer prunes (recorded once they are encoded)."""
+        layouts = self.prompt.layouts
+        if self.pruner is None or all(lay.budget >= lay.placeholders for lay in layouts):
+            self._trace([(lay.stock_tokens, lay.placeholders, lay.placeholders) for lay in layouts])
+
+    def _trace(self, tokens: list[tuple[int, int, int]], positions: torch.Tensor | None = None) -> None:
+        images = (self.prompt.crop_traces or []) if self.prompt is not None else []
+        grid = self.encoder.grid_size
+        self.on_trace(PruningTrace(images, grid, self.config.keep, self.feature_layer, positions, image_tokens=tokens))
+
+    # -- processor side ---------------------------------------------------------------------
+
+    def patch_processor(self, processor: Any) -> None:
+        """Make ``processor`` write each image's pruned placeholder count (instance-level, reversible)."""
+
+        def placeholders(stock_count: int, image_size: Any) -> int:
+            if image_size is None:
+                raise ValueError("the LLaVA-NeXT processor did not report the image size")
+            layout = self.layout(image_size)
+            if stock_count != layout.stock_tokens:
+                raise ValueError(
+                    f"the processor makes {stock_count} image tokens for an image of {image_size} but the model "
+                    f"makes {layout.stock_tokens}: processor and model do not match"
+                )
+            return layout.placeholders
+
+        adapt_processor(processor, self.image_token_id, "LLaVA-NeXT", placeholders)
+
+    unpatch_processor = staticmethod(restore_processor)
