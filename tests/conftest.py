@@ -14,6 +14,12 @@ VISION_OPTIONS = {"vision_layers": 8, "initializer_factor": 6.0}
 PROMPT = "USER: <image>\nwhat is the colour of the circle ? ASSISTANT:"
 
 
+def picture(height: int, width: int, seed: int) -> Image.Image:
+    """A random-noise picture of any size (dynamic-resolution models)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
 def make_image(seed: int, size: int = 84) -> Image.Image:
     """A deterministic noisy image with a few bright blocks."""
     rng = np.random.default_rng(seed)

@@ -8,7 +8,13 @@ from typer.testing import CliRunner
 from conftest import make_image
 from flowcut.cli import app
 from flowcut.prompting import build_prompt
-from flowcut.tiny import build_processor, build_tiny_llava_next, save_tiny_llava
+from flowcut.tiny import (
+    build_processor,
+    build_tiny_llava_next,
+    build_tiny_llava_onevision,
+    build_tiny_qwen,
+    save_tiny_llava,
+)
 
 runner = CliRunner()
 
@@ -129,3 +135,20 @@ def test_generate_on_llava_next_reports_both_stages(tmp_path):
     ratio = runner.invoke(app, [*arguments, "--keep", "0.25", "--max-new-tokens", "2"])
     assert ratio.exit_code == 0, ratio.output
     assert "visual tokens: 98 of 394" in ratio.output  # round(0.25 * 394) = 98 (half to even)
+
+
+@pytest.mark.parametrize("family", ["onevision", "qwen2", "qwen2.5"])
+def test_generate_on_families_whose_processors_need_torchvision_to_load(family, tmp_path, monkeypatch):
+    """Their saved processors need a video processor (torchvision) to load, so the model is handed in directly."""
+    if family == "onevision":
+        built = build_tiny_llava_onevision(text_layers=4)
+    else:
+        built = build_tiny_qwen(family.removeprefix("qwen"))
+    monkeypatch.setattr("flowcut.cli.load_model", lambda *args: built)
+    monkeypatch.setattr("flowcut.cli._model_source", lambda model: "tiny")
+    image = tmp_path / "wide.png"
+    make_image(0, size=84).resize((150, 60)).save(image)
+    arguments = ["generate", "--image", str(image), "--prompt", "what colour ?", "--keep", "0.2"]
+    result = runner.invoke(app, [*arguments, "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    assert "visual tokens:" in result.output and "continue after decoder layer 1" in result.output

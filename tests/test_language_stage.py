@@ -145,6 +145,31 @@ def test_fastv_cached_generation_equals_recomputing_the_pruned_prompt(deep, impl
             ids, mask = torch.cat([ids, following], 1), torch.cat([mask, torch.ones_like(following)], 1)
 
 
+def test_a_continuation_with_other_images_is_scored_afresh(deep):
+    """Only the same prompt with the same images reuses the pruned prompt's selection."""
+    model, processor = deep
+    first = processor(images=make_image(0), text=PROMPTS[0], return_tensors="pt")
+    other = processor(images=make_image(5), text=PROMPTS[0], return_tensors="pt")
+    longer = torch.cat([first.input_ids, first.input_ids[:, -1:]], dim=1)
+
+    def continuation(images: dict) -> dict:
+        return {"input_ids": longer, "pixel_values": images.pixel_values, "use_cache": False}
+
+    with torch.no_grad():
+        with flowcut.apply(model, processor=processor, keep=KEEP, method="fastv") as handle:
+            model(**continuation(other))
+            fresh = handle.last_trace.language_positions
+        with flowcut.apply(model, processor=processor, keep=KEEP, method="fastv") as handle:
+            model(**first)
+            first_kept = handle.last_trace.language_positions
+            model(**continuation(other))
+            assert torch.equal(handle.last_trace.language_positions, fresh)
+            model(**first)
+            model(**continuation(first))  # the same images: the first prompt's selection continues
+            assert torch.equal(handle.last_trace.language_positions[:, :-1], first_kept)
+        assert not torch.equal(fresh[:, :-1], first_kept)  # the two images do keep different tokens
+
+
 def test_fastv_is_batch_invariant(deep):
     model, processor = deep
     processor.tokenizer.padding_side = "left"
@@ -236,3 +261,21 @@ def test_fastv_keeps_the_same_tokens_and_answer_under_left_or_right_padding(deep
         answers[side] = logits[torch.arange(2), (positions <= last[:, None]).sum(1) - 1].argmax(-1).tolist()
         kept[side] = [image.kept_indices.tolist() for image in handle.last_trace.images]
     assert kept["left"] == kept["right"] and answers["left"] == answers["right"]
+
+
+def test_fillers_are_hidden_in_every_mask_form():
+    from flowcut.adapters.language import _hide_fillers
+
+    filler = torch.tensor([[False, True, False], [False, False, False]])
+    states = torch.zeros(2, 1, 4)  # one decoding step after a 3-token pruned prompt
+    flash = _hide_fillers(None, filler, states, past=3, flash=True)
+    assert flash.tolist() == [[1, 0, 1, 1], [1, 1, 1, 1]]
+    additive = _hide_fillers(None, filler, states, past=3, flash=False)  # 0: attend, dtype minimum: hidden
+    assert (additive[:, 0, 0] < -1e30).tolist() == [[False, True, False, False], [False] * 4]
+    boolean = _hide_fillers(torch.ones(2, 1, 1, 4, dtype=torch.bool), filler, states, past=3, flash=False)
+    assert boolean[:, 0, 0].tolist() == [[True, False, True, True], [True] * 4]
+    prefill = _hide_fillers(None, filler, torch.zeros(2, 3, 4), past=0, flash=False)
+    assert (prefill[:, 0] < -1e30).tolist() == [
+        [[False, True, True], [False, True, True], [False, True, False]],  # causal, and slot 1 hidden
+        [[False, True, True], [False, False, True], [False, False, False]],
+    ]

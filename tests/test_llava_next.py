@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import flowcut
+from conftest import picture
 from flowcut.adapters.clip import ClipEncoderAdapter
 from flowcut.core.encoder_stage import EncoderStageSettings, run_encoder_stage
 from flowcut.tiny import build_tiny_llava_next
@@ -17,11 +17,6 @@ from flowcut.tiny import build_tiny_llava_next
 PROMPT = "USER: <image>\nwhat is the colour ? ASSISTANT:"
 TEXT_ONLY = "USER: what is the colour ? ASSISTANT:"
 KEEP = 64
-
-
-def picture(height: int, width: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
 WIDE = picture(60, 150, 0)  # 1x2 crops, letterboxed top and bottom

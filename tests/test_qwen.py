@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import flowcut
+from conftest import picture
 from flowcut.adapters.qwen_vision import QwenVisionAdapter
 from flowcut.core.encoder_stage import EncoderStageSettings, run_encoder_stage
 from flowcut.tiny import build_tiny_qwen
 
 VERSIONS = ("2", "2.5")
 QUESTION = "what is the colour ?"
-
-
-def picture(height: int, width: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
 WIDE = picture(48, 64, 0)  # 12x16 patches: 6x8 = 48 merged tokens

@@ -7,12 +7,12 @@ from typing import Any
 import torch
 
 from flowcut.adapters.llava import LlavaFamily
-from flowcut.adapters.llava_next import LlavaNextFamily
+from flowcut.adapters.llava_next import LlavaNextFamily, LlavaOnevisionFamily
 from flowcut.adapters.qwen import QwenFamily
 from flowcut.config import FlowCutConfig
 from flowcut.trace import PruningTrace
 
-FAMILIES = (LlavaFamily, LlavaNextFamily, QwenFamily)
+FAMILIES = (LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, QwenFamily)
 """Model-family adapters, tried in order against the model's class."""
 
 _HANDLE_ATTRIBUTE = "_flowcut_handle"

@@ -19,6 +19,9 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -27,9 +30,11 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
+    SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
@@ -149,6 +154,22 @@ def tiny_llava_config(
     )
 
 
+def _seeded_model(
+    model_class: type, config: object, seed: int, attn_implementation: str, tokenizer: PreTrainedTokenizerFast
+) -> torch.nn.Module:
+    """``model_class(config)`` with weights drawn from ``seed`` (the global generator is left as it was)."""
+    config._attn_implementation = attn_implementation
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = model_class(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
 def build_tiny_llava(
     seed: int = 0,
     image_size: int = 84,
@@ -168,15 +189,7 @@ def build_tiny_llava(
         patch_size=patch_size,
         **config_options,
     )
-    config._attn_implementation = attn_implementation
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = _seeded_model(LlavaForConditionalGeneration, config, seed, attn_implementation, tokenizer)
     return model.to(dtype).eval(), processor
 
 
@@ -282,15 +295,7 @@ def build_tiny_qwen(
         )
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
         model_class, processor_class = Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    config._attn_implementation = attn_implementation
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = model_class(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = _seeded_model(model_class, config, seed, attn_implementation, tokenizer)
     processor = _image_only(processor_class)(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE
     )
@@ -338,13 +343,64 @@ def build_tiny_llava_next(
         vision_feature_select_strategy="default",
         pad_token_id=tokenizer.pad_token_id,
     )
-    config._attn_implementation = attn_implementation
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = LlavaNextForConditionalGeneration(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = _seeded_model(LlavaNextForConditionalGeneration, config, seed, attn_implementation, tokenizer)
+    return model.to(dtype).eval(), processor
+
+
+def build_tiny_llava_onevision(
+    seed: int = 0,
+    image_size: int = 84,
+    patch_size: int = 7,
+    vision_layers: int = 6,
+    vision_hidden: int = 32,
+    vision_heads: int = 4,
+    max_crops: int = 9,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    **text_options: int,
+) -> tuple[LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor]:
+    """A random tiny LLaVA-OneVision (SigLIP tower without CLS, anyres up to 2x2 crops) and its processor."""
+    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    tokenizer = build_tokenizer(special_tokens=["<video>"])
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    patches = (image_size // patch_size) ** 2
+    processor = _image_only(LlavaOnevisionProcessor)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        num_image_tokens=patches,
+        vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+        vision_aspect_ratio=f"anyres_max_{max_crops}",
+    )
+    llava = tiny_llava_config(
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        **text_options,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_use_head=False,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=llava.text_config,
+        image_token_id=llava.image_token_id,
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=f"anyres_max_{max_crops}",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = _seeded_model(LlavaOnevisionForConditionalGeneration, config, seed, attn_implementation, tokenizer)
     return model.to(dtype).eval(), processor

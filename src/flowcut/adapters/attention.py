@@ -21,6 +21,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from flowcut.core.encoder_stage import AttentionRecorder
 
 RECORDING_ATTENTION = "flowcut_recording"
+CONTEXT_ATTRIBUTE = "_flowcut_attention_context"
 
 
 def _recording_attention(
@@ -35,6 +36,12 @@ def _recording_attention(
     flowcut_implementation: str | None = None,
     **kwargs: Any,
 ) -> Any:
+    if flowcut_attention is None:
+        # Modules that do not forward extra keyword arguments to their attention function (SigLIP's)
+        # carry the pass's settings on the instance for the duration of the layer (attention_context).
+        context = getattr(module, CONTEXT_ATTRIBUTE, None)
+        if context is not None:
+            flowcut_recorder, flowcut_attention, flowcut_implementation = context
     if flowcut_attention is None:
         raise RuntimeError(
             f"attention implementation {RECORDING_ATTENTION!r} runs only inside FlowCut's own encoder pass"
@@ -101,3 +108,18 @@ def key_padding_mask(alive: torch.Tensor, implementation: str | None, dtype: tor
     mask = torch.zeros(alive.shape, dtype=dtype, device=alive.device)
     mask = mask.masked_fill(~alive, torch.finfo(dtype).min)
     return mask[:, None, None, :]
+
+
+@contextmanager
+def attention_context(
+    module: torch.nn.Module,
+    recorder: AttentionRecorder | None,
+    attention: Callable[..., Any],
+    implementation: str | None,
+) -> Iterator[None]:
+    """Give one attention module the pass's recorder and delegate attention while it runs (instance only)."""
+    setattr(module, CONTEXT_ATTRIBUTE, (recorder, attention, implementation))
+    try:
+        yield
+    finally:
+        delattr(module, CONTEXT_ATTRIBUTE)

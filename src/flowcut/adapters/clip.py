@@ -1,4 +1,4 @@
-"""Encoder-stage adapter for CLIP vision towers (``CLIPVisionModel``, CLS token at slot 0)."""
+"""Encoder-stage adapters for ViT towers run layer by layer: CLIP (CLS token at slot 0) and SigLIP (no CLS)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from contextlib import contextmanager
 
 import torch
 from transformers.models.clip import modeling_clip
+from transformers.models.siglip import modeling_siglip
 
-from flowcut.adapters.attention import key_padding_mask, recording_attention, resolve_attention
+from flowcut.adapters.attention import attention_context, key_padding_mask, recording_attention, resolve_attention
 from flowcut.core.encoder_stage import AttentionRecord, AttentionRecorder
-from flowcut.core.scoring import CriteriaScores, cls_criteria
+from flowcut.core.scoring import CriteriaScores, cls_criteria, global_query_criteria
 
 
 class ClipEncoderAdapter:
@@ -18,16 +19,20 @@ class ClipEncoderAdapter:
 
     query_slots = 1
     """CLS sits at slot 0 and scores the patches."""
+    modeling = modeling_clip
+    tower_class = modeling_clip.CLIPVisionModel
+    embeddings_class = modeling_clip.CLIPVisionEmbeddings
+    layer_class = modeling_clip.CLIPEncoderLayer
 
-    def __init__(self, vision_tower: modeling_clip.CLIPVisionModel) -> None:
-        if not isinstance(vision_tower, modeling_clip.CLIPVisionModel):
+    def __init__(self, vision_tower: torch.nn.Module) -> None:
+        if not isinstance(vision_tower, self.tower_class):
             raise TypeError(
-                "FlowCut's CLS-token encoder stage needs a CLIPVisionModel vision tower, "
+                f"{type(self).__name__} needs a {self.tower_class.__name__} vision tower, "
                 f"got {type(vision_tower).__name__}"
             )
         self.vision_tower = vision_tower
-        self.embeddings = next(m for m in vision_tower.modules() if isinstance(m, modeling_clip.CLIPVisionEmbeddings))
-        self.layers = [m for m in vision_tower.modules() if isinstance(m, modeling_clip.CLIPEncoderLayer)]
+        self.embeddings = next(m for m in vision_tower.modules() if isinstance(m, self.embeddings_class))
+        self.layers = [m for m in vision_tower.modules() if isinstance(m, self.layer_class)]
         self.attention_configs = list(
             {id(layer.self_attn.config): layer.self_attn.config for layer in self.layers}.values()
         )
@@ -54,7 +59,7 @@ class ClipEncoderAdapter:
     def session(self) -> Iterator[ClipEncoderAdapter]:
         """Route the tower's attention through the recorder for one pass, then restore it."""
         self._implementation = self.attention_configs[0]._attn_implementation
-        self._attention = resolve_attention(self._implementation, modeling_clip.eager_attention_forward)
+        self._attention = resolve_attention(self._implementation, self.modeling.eager_attention_forward)
         with recording_attention(self.attention_configs):
             try:
                 yield self
@@ -80,14 +85,37 @@ class ClipEncoderAdapter:
         if self._attention is None:
             raise RuntimeError("run_layer must be called inside ClipEncoderAdapter.session()")
         mask = None if alive is None else key_padding_mask(alive, self._implementation, hidden_states.dtype)
-        return self.layers[index](
-            hidden_states,
-            mask,
-            flowcut_recorder=recorder,
-            flowcut_attention=self._attention,
-            flowcut_implementation=self._implementation,
-        )
+        layer = self.layers[index]
+        with attention_context(layer.self_attn, recorder, self._attention, self._implementation):
+            return layer(hidden_states, mask)
 
     def criteria(self, record: AttentionRecord, alive: torch.Tensor | None) -> CriteriaScores:
         """CLS-view criteria (SPEC §2 steps 1–3)."""
         return cls_criteria(record.query, record.key, record.value, record.scaling, alive)
+
+
+class SiglipEncoderAdapter(ClipEncoderAdapter):
+    """Runs a ``SiglipVisionModel`` (no CLS token) layer by layer; patches are scored from the global token."""
+
+    query_slots = 0
+    modeling = modeling_siglip
+    tower_class = modeling_siglip.SiglipVisionModel
+    embeddings_class = modeling_siglip.SiglipVisionEmbeddings
+    layer_class = modeling_siglip.SiglipEncoderLayer
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings with position embeddings, as ``SiglipVisionTransformer`` computes them."""
+        return self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype))
+
+    def criteria(self, record: AttentionRecord, alive: torch.Tensor | None) -> CriteriaScores:
+        """Global-token criteria (SPEC §4): the mean query attends over every alive key; score ``a · n``."""
+        return global_query_criteria(record.query, record.key, record.value, record.scaling, alive)
+
+
+def vision_adapter(vision_tower: torch.nn.Module) -> ClipEncoderAdapter:
+    """The encoder-stage adapter for a vision tower: CLIP (CLS token) or SigLIP (global token)."""
+    for adapter in (ClipEncoderAdapter, SiglipEncoderAdapter):
+        if isinstance(vision_tower, adapter.tower_class):
+            return adapter(vision_tower)
+    supported = "CLIPVisionModel and SiglipVisionModel"
+    raise TypeError(f"FlowCut's encoder stage supports {supported} towers, got {type(vision_tower).__name__}")

@@ -38,6 +38,8 @@ class PromptLayout:
     """``(B,)``: each row's last real position."""
     input_ids: torch.Tensor
     """The prompt itself, to recognise a later uncached pass that continues it."""
+    images_key: Any = None
+    """A fingerprint of the pass's images (:func:`images_key`): a continuation must show the same images."""
 
 
 @dataclass
@@ -56,12 +58,33 @@ class PrunedPrompt:
     """The kept positions of that scored prompt (``positions`` grows when a pass continues it)."""
     filler: torch.Tensor | None = None
     """``(B, L')``: kept slots that only pad a shorter row and must not be attended to (None: no such slot)."""
+    images_key: Any = None
 
 
-def prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int) -> PromptLayout:
-    """The layout of a prompt batch (left or right padding)."""
+def prompt_layout(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int, images: Any = None
+) -> PromptLayout:
+    """The layout of a prompt batch (left or right padding); ``images``: the pass's :func:`images_key`."""
     visible = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    return PromptLayout(input_ids == image_token_id, visible, last_real_positions(visible), input_ids)
+    return PromptLayout(input_ids == image_token_id, visible, last_real_positions(visible), input_ids, images)
+
+
+def images_key(kwargs: dict[str, Any]) -> tuple | None:
+    """A fingerprint of the images a model pass brings (pixels, or features encoded before it).
+
+    Two prompts with the same token ids but different images of the same size must not share a
+    pruning decision; the fingerprint (shape, sum and position-weighted sum) tells them apart.
+    """
+    values = kwargs.get("pixel_values")
+    if values is None:
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        features = None if encoded is None else encoded.pooler_output
+        if features is None:
+            return None
+        values = torch.cat([feature.reshape(-1) for feature in features])
+    flat = values.detach().reshape(-1).double()
+    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=flat.dtype)
+    return tuple(values.shape), float(flat.sum()), float((flat * weights).sum())
 
 
 class DecoderPruner:
@@ -126,6 +149,7 @@ class DecoderPruner:
         if (
             input_ids is not None
             and scored is not None
+            and layout.images_key == previous.images_key
             and input_ids.shape[0] == scored.shape[0]
             and input_ids.shape[1] > scored.shape[1]
             and torch.equal(input_ids[:, : scored.shape[1]], scored.to(input_ids.device))
@@ -137,10 +161,17 @@ class DecoderPruner:
             if filler is not None:  # the scored prompt's fillers, then the continuation's real tokens
                 continuation = torch.zeros_like(added, dtype=torch.bool).expand(len(filler), -1)
                 filler = torch.cat([filler[:, : base.shape[1]], continuation], dim=1)
-            pinned = PrunedPrompt(positions, input_ids.shape[1], None, layout.visual, scored, base, filler)
+            pinned = PrunedPrompt(
+                positions, input_ids.shape[1], None, layout.visual, scored, base, filler, layout.images_key
+            )
             self.layout, self._pinned, self.pruned = None, pinned, None
             return
         self.layout, self._pinned, self.pruned = layout, None, None
+
+    def _flash(self) -> bool:
+        """Whether the decoder attends with FlashAttention (which takes 2-D masks of real tokens)."""
+        implementation = self.config._attn_implementation
+        return isinstance(implementation, str) and implementation.startswith("flash")
 
     # -- hooks ----------------------------------------------------------------------------------
 
@@ -188,7 +219,9 @@ class DecoderPruner:
         lengths, keeps = self.budgets(layout.visual)
         positions, filler = kept_positions(scores, layout.visual, lengths, keeps)
         length = _output_states(output).shape[1]
-        self.pruned = PrunedPrompt(positions, length, None, layout.visual, layout.input_ids, positions, filler)
+        self.pruned = PrunedPrompt(
+            positions, length, None, layout.visual, layout.input_ids, positions, filler, layout.images_key
+        )
         self.layout = None  # used once: a later pass must not be pruned by this prompt's layout
         self.on_prune(positions, layout.visual, filler)
         return _keep_positions(output, positions)
@@ -209,7 +242,7 @@ class DecoderPruner:
             mask = kwargs.get("attention_mask")
             if mask is not None:
                 mask = _cut_mask(mask, pruned.positions, pruned.prompt_length, rows_too=True)
-            kwargs["attention_mask"] = _hide_fillers(mask, pruned.filler, hidden_states, 0)
+            kwargs["attention_mask"] = _hide_fillers(mask, pruned.filler, hidden_states, 0, self._flash())
             return args, kwargs
         if cache is None or cache is not pruned.cache:
             raise RuntimeError(
@@ -221,7 +254,7 @@ class DecoderPruner:
             mask = _cut_mask(mask, pruned.positions, pruned.prompt_length, rows_too=False)
         if pruned.filler is not None:
             past = cache.get_seq_length(module.self_attn.layer_idx)
-            kwargs["attention_mask"] = _hide_fillers(mask, pruned.filler, hidden_states, past)
+            kwargs["attention_mask"] = _hide_fillers(mask, pruned.filler, hidden_states, past, self._flash())
         else:
             kwargs["attention_mask"] = mask
         return args, kwargs
@@ -273,7 +306,7 @@ def _gather_positions(values: Any, positions: torch.Tensor, length: int) -> Any:
 
 
 def _hide_fillers(
-    mask: torch.Tensor | None, filler: torch.Tensor | None, hidden_states: torch.Tensor, past: int
+    mask: torch.Tensor | None, filler: torch.Tensor | None, hidden_states: torch.Tensor, past: int, flash: bool
 ) -> torch.Tensor | None:
     """The attention mask of a later layer with the filler slots of the prompt hidden from every query.
 
@@ -288,6 +321,8 @@ def _hide_fillers(
     hidden[:, : filler.shape[1]] = filler.to(hidden.device)
     if mask is not None and mask.dim() == 2:  # FlashAttention: (B, K) real-token mask
         return mask.masked_fill(hidden, 0)
+    if mask is None and flash:  # FlashAttention without padding: a 2-D mask of the real keys
+        return (~hidden).to(torch.int32)
     if mask is None:
         # Causal attention over the cached keys and the new queries, built explicitly.
         rows = torch.arange(queries, device=hidden.device)[:, None] + past

@@ -19,7 +19,7 @@ from transformers import LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from flowcut.adapters.clip import ClipEncoderAdapter
-from flowcut.adapters.language import DecoderPruner, prompt_layout
+from flowcut.adapters.language import DecoderPruner, images_key, prompt_layout
 from flowcut.adapters.processor import adapt_processor, restore_processor
 from flowcut.config import FlowCutConfig, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace
@@ -229,7 +229,7 @@ class LlavaFamily:
             if cache is None or cache.get_seq_length() == 0:
                 if input_ids is None:
                     raise ValueError(f"method {self.config.method!r} needs input_ids to find the image tokens")
-                layout = prompt_layout(input_ids, kwargs.get("attention_mask"), self.image_token_id)
+                layout = prompt_layout(input_ids, kwargs.get("attention_mask"), self.image_token_id, images_key(kwargs))
                 self.pruner.start_prefill(layout if layout.visual.any() else None)
         self._check_placeholders(input_ids, kwargs)
 

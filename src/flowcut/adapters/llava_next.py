@@ -24,13 +24,14 @@ image's stock token count leaves it untouched.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import LlavaNextForConditionalGeneration
+from transformers import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
@@ -38,8 +39,8 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-from flowcut.adapters.clip import ClipEncoderAdapter
-from flowcut.adapters.language import DecoderPruner, prompt_layout
+from flowcut.adapters.clip import vision_adapter
+from flowcut.adapters.language import DecoderPruner, images_key, prompt_layout
 from flowcut.adapters.llava import check_select_strategy, feature_layer_index
 from flowcut.adapters.processor import adapt_processor, restore_processor
 from flowcut.config import FlowCutConfig, tokens_to_keep
@@ -97,10 +98,16 @@ class LlavaNextFamily:
         self.on_trace = on_trace
         self.method = get_method(config.method)
         self.base = model.model
-        self.encoder = ClipEncoderAdapter(self.base.vision_tower)
+        self.encoder = vision_adapter(self.base.vision_tower)
         model_config = model.config
         self.feature_layer = feature_layer_index(model_config.vision_feature_layer, self.encoder.num_layers)
-        check_select_strategy(model_config.vision_feature_select_strategy)
+        if self.encoder.query_slots:
+            check_select_strategy(model_config.vision_feature_select_strategy)
+        elif model_config.vision_feature_select_strategy != "full":
+            raise ValueError(
+                "a vision tower without CLS hands every patch to the language model: "
+                f"vision_feature_select_strategy must be 'full', got {model_config.vision_feature_select_strategy!r}"
+            )
         self.image_token_id = model_config.image_token_id
         self.pinpoints = model_config.image_grid_pinpoints
         self.crop_pixels = model_config.vision_config.image_size
@@ -127,12 +134,23 @@ class LlavaNextFamily:
 
     # -- layouts and budgets --------------------------------------------------------------------
 
-    def layout(self, image_size: Any) -> ImageLayout:
-        """The token layout and budgets of an image of ``image_size`` (height, width)."""
-        size = [int(side) for side in (image_size.tolist() if hasattr(image_size, "tolist") else image_size)]
-        rows, columns = get_anyres_image_grid_shape(size, self.pinpoints, self.crop_pixels)
+    max_crops: int | None = None
+    """Where the stock model shrinks large grids (LLaVA-OneVision's ``anyres_max_N``): N crops' worth of patches."""
+
+    def layout(self, image_size: Any, single_crop: bool = False) -> ImageLayout:
+        """The token layout and budgets of an image of ``image_size`` (height, width).
+
+        ``single_crop``: the image is encoded as its base view alone (LLaVA-OneVision's multi-image prompts).
+        """
         side = self.encoder.grid_size[0]
         patches = side * side
+        if single_crop:
+            stock = patches + 1  # the base view and one image-newline token
+            budget = tokens_to_keep(self.config.keep, stock) if self.method.prunes else stock
+            crop_keeps = [budget] if self.config.method == "flowcut" and budget < patches else None
+            return ImageLayout((0, 0), stock, [], [], budget, crop_keeps)
+        size = [int(side) for side in (image_size.tolist() if hasattr(image_size, "tolist") else image_size)]
+        rows, columns = get_anyres_image_grid_shape(size, self.pinpoints, self.crop_pixels)
         grid = torch.arange(rows * side * columns * side).view(1, rows * side, columns * side)
         survivors = unpad_image(grid, size)
         unpadded_rows, unpadded_columns = survivors.shape[1:]
@@ -146,7 +164,12 @@ class LlavaNextFamily:
             index = (crop_row * side + patch_rows) * (columns * side) + crop_column * side + patch_columns
             grid_index.append(index)
             eligible.append(kept_cells[index])
-        stock = patches + unpadded_rows * unpadded_columns + unpadded_rows
+        stock_rows, stock_columns = unpadded_rows, unpadded_columns
+        if self.max_crops is not None:  # the stock model interpolates a grid this large down
+            ratio = math.sqrt(unpadded_rows * unpadded_columns / (self.max_crops * patches))
+            if ratio > 1.1:
+                stock_rows, stock_columns = int(unpadded_rows // ratio), int(unpadded_columns // ratio)
+        stock = patches + stock_rows * stock_columns + stock_rows
         budget = tokens_to_keep(self.config.keep, stock) if self.method.prunes else stock
         crop_keeps = None
         if self.config.method == "flowcut" and budget < stock and budget // 2 < patches:
@@ -167,9 +190,25 @@ class LlavaNextFamily:
         family = self
         stock = type(self.base).get_image_features.__get__(self.base)
 
-        def get_image_features(pixel_values: torch.Tensor, image_sizes: torch.Tensor, **kwargs: Any) -> Any:
+        def get_image_features(
+            pixel_values: torch.Tensor,
+            image_sizes: torch.Tensor,
+            vision_feature_layer: Any = None,
+            vision_feature_select_strategy: Any = None,
+            batch_num_images: Any = None,
+            **kwargs: Any,
+        ) -> Any:
             """Image features pruned by FlowCut's encoder stage (installed by flowcut.apply on this instance)."""
-            return family.image_features(stock, pixel_values, image_sizes, **kwargs)
+            # Named parameters: generate() hands over exactly the inputs this signature names.
+            return family.image_features(
+                stock,
+                pixel_values,
+                image_sizes,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                batch_num_images=batch_num_images,
+                **kwargs,
+            )
 
         self.base.get_image_features = get_image_features
         self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
@@ -189,30 +228,31 @@ class LlavaNextFamily:
     def image_features(
         self, stock: Callable[..., Any], pixel_values: torch.Tensor, image_sizes: torch.Tensor, **kwargs: Any
     ) -> Any:
-        """FlowCut's replacement for ``LlavaNextModel.get_image_features``."""
-        for name in ("vision_feature_layer", "vision_feature_select_strategy"):
+        """FlowCut's replacement for ``get_image_features`` (LLaVA-NeXT and LLaVA-OneVision)."""
+        for name in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
             if kwargs.get(name) is not None and kwargs[name] != getattr(self.model.config, name):
-                raise ValueError(f"FlowCut's LLaVA-NeXT path uses the model's {name}; got {kwargs[name]!r}")
-        layouts = [self.layout(size) for size in image_sizes]
+                raise ValueError(f"FlowCut's anyres path uses the model's {name}; got {kwargs[name]!r}")
+        single = self._single_crop(kwargs.get("batch_num_images"), len(image_sizes))
+        layouts = [self.layout(size, alone) for size, alone in zip(image_sizes, single, strict=True)]
         self.prompt = _Prompt(layouts)
+        stock_kwargs = {key: value for key, value in kwargs.items() if value is not None}
         pruned = [i for i, lay in enumerate(layouts) if lay.crop_keeps is not None]
-        if not pruned:
-            output = stock(pixel_values, image_sizes, **kwargs)
-            self._trace_without_language_stage()
-            return output
+        features: list[torch.Tensor | None] = [None] * len(layouts)
+        if len(pruned) < len(layouts):
+            # Images the encoder stage leaves whole take the stock path (newlines included), bit for bit.
+            output = stock(pixel_values, image_sizes, **stock_kwargs)
+            if not pruned:
+                self._trace_without_language_stage()
+                return output
+            features = list(output.pooler_output)
         crops_per_image = [
-            image_size_to_num_patches(size, self.pinpoints, self.crop_pixels) for size in image_sizes.tolist()
+            1 if alone else image_size_to_num_patches(size, self.pinpoints, self.crop_pixels)
+            for size, alone in zip(image_sizes.tolist(), single, strict=True)
         ]
         if pixel_values.dim() == 5:
             crops = [image[:count] for image, count in zip(pixel_values, crops_per_image, strict=True)]
         else:
             crops = list(pixel_values.split(crops_per_image))
-        features: list[torch.Tensor | None] = [None] * len(layouts)
-        stock_images = [i for i in range(len(layouts)) if i not in pruned]
-        if stock_images:
-            stock_out = stock(torch.cat([crops[i] for i in stock_images]), image_sizes[stock_images], return_dict=True)
-            for i, feature in zip(stock_images, stock_out.pooler_output, strict=True):
-                features[i] = feature
         features_pruned, crop_traces = self._prune_images([crops[i] for i in pruned], [layouts[i] for i in pruned])
         for i, feature in zip(pruned, features_pruned, strict=True):
             features[i] = feature
@@ -220,6 +260,13 @@ class LlavaNextFamily:
         self._trace_without_language_stage()
         output = BaseModelOutputWithPooling(pooler_output=features)
         return output if kwargs.get("return_dict", True) else output.to_tuple()
+
+    @staticmethod
+    def _single_crop(batch_num_images: Any, count: int) -> list[bool]:
+        """Per image, whether it is encoded as its base view alone (the images of multi-image prompts)."""
+        if batch_num_images is None:
+            return [False] * count
+        return [int(n) > 1 for n in batch_num_images for _ in range(int(n))]
 
     def _prune_images(
         self, crops: list[torch.Tensor], layouts: list[ImageLayout]
@@ -238,7 +285,7 @@ class LlavaNextFamily:
         settings = stage_settings(self.config, max(keeps), self.feature_layer)
         with self.encoder.session():
             stage = run_encoder_stage(self.encoder, torch.stack(batch), settings, None, keeps, eligible)
-        projected = self.base.multi_modal_projector(stage.hidden_states[:, 1:])
+        projected = self.base.multi_modal_projector(stage.hidden_states[:, self.encoder.query_slots :])
         parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in layouts]
         base_patches = self.encoder.num_patches
         for row, ((image, crop), trace) in enumerate(zip(owners, stage.images, strict=True)):
@@ -271,7 +318,8 @@ class LlavaNextFamily:
             sizes = kwargs.get("image_sizes")
             if sizes is None:
                 raise ValueError("LLaVA-NeXT needs image_sizes (the processor returns them)")
-            layouts = [self.layout(size) for size in sizes]
+            single = self._single_crop(kwargs.get("batch_num_images"), len(sizes))
+            layouts = [self.layout(size, alone) for size, alone in zip(sizes, single, strict=True)]
         elif (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None and self.prompt is not None:
             layouts = self.prompt.layouts  # encoded by generate through this instance's get_image_features
         else:
@@ -285,7 +333,7 @@ class LlavaNextFamily:
                 raise ValueError(f"method {self.config.method!r} needs input_ids to find the image tokens")
             layout = None
             if language_prunes:
-                layout = prompt_layout(input_ids, kwargs.get("attention_mask"), self.image_token_id)
+                layout = prompt_layout(input_ids, kwargs.get("attention_mask"), self.image_token_id, images_key(kwargs))
                 self.prompt = self.prompt if self.prompt is not None else _Prompt(layouts)
             self.pruner.start_prefill(layout)
 
@@ -329,9 +377,7 @@ class LlavaNextFamily:
         """Make ``processor`` write each image's pruned placeholder count (instance-level, reversible)."""
 
         def placeholders(stock_count: int, image_size: Any) -> int:
-            if image_size is None:
-                raise ValueError("the LLaVA-NeXT processor did not report the image size")
-            layout = self.layout(image_size)
+            layout = self._processor_layout(stock_count, image_size)
             if stock_count != layout.stock_tokens:
                 raise ValueError(
                     f"the processor makes {stock_count} image tokens for an image of {image_size} but the model "
@@ -339,6 +385,37 @@ class LlavaNextFamily:
                 )
             return layout.placeholders
 
-        adapt_processor(processor, self.image_token_id, "LLaVA-NeXT", placeholders)
+        adapt_processor(processor, self.image_token_id, type(self.model).__name__, placeholders)
+
+    def _processor_layout(self, stock_count: int, image_size: Any) -> ImageLayout:
+        """The layout of an image the processor gives ``stock_count`` tokens."""
+        if image_size is None:
+            raise ValueError("the processor did not report the image size")
+        return self.layout(image_size)
 
     unpatch_processor = staticmethod(restore_processor)
+
+
+class LlavaOnevisionFamily(LlavaNextFamily):
+    """LLaVA-OneVision: the same two stages on a SigLIP tower (no CLS: the global token scores the patches).
+
+    Its stock packing shrinks grids larger than ``anyres_max_N`` by interpolation; when the encoder
+    stage prunes, the kept patches are handed over as they are (there is nothing to interpolate
+    between), so only a ratio budget refers to the interpolated stock count. The images of
+    multi-image prompts are encoded as one base view each and pruned to the budget there.
+    """
+
+    model_classes = (LlavaOnevisionForConditionalGeneration,)
+
+    def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
+        super().__init__(model, config, on_trace)
+        aspect = model.config.vision_aspect_ratio
+        if not (isinstance(aspect, str) and aspect.startswith("anyres_max_")):
+            raise ValueError(f"FlowCut supports LLaVA-OneVision's anyres_max_N packing, got {aspect!r}")
+        self.max_crops = int(aspect.removeprefix("anyres_max_"))
+
+    def _processor_layout(self, stock_count: int, image_size: Any) -> ImageLayout:
+        """A stock count of one base view and a newline marks an image of a multi-image prompt."""
+        if stock_count == self.encoder.num_patches + 1:
+            return self.layout(image_size, single_crop=True)
+        return super()._processor_layout(stock_count, image_size)

@@ -30,7 +30,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from flowcut.adapters.language import DecoderPruner, prompt_layout
+from flowcut.adapters.language import DecoderPruner, images_key, prompt_layout
 from flowcut.adapters.processor import adapt_processor, restore_processor
 from flowcut.adapters.qwen_vision import QwenVisionAdapter
 from flowcut.config import FlowCutConfig, tokens_to_keep
@@ -288,7 +288,7 @@ class QwenFamily:
         if self.pruner is not None:
             if input_ids is None:
                 raise ValueError(f"method {self.config.method!r} needs input_ids to find the image tokens")
-            layout = prompt_layout(input_ids, kwargs.get("attention_mask"), self.image_token_id)
+            layout = prompt_layout(input_ids, kwargs.get("attention_mask"), self.image_token_id, images_key(kwargs))
             self.pruner.start_prefill(layout if layout.visual.any() and language_prunes else None)
         if prompt is not None and prompt.kept_units is None and not (self.pruner is not None and language_prunes):
             self._stock_trace(prompt)
