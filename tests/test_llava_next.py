@@ -155,3 +155,19 @@ def test_clear_errors(next_model):
     stock_inputs = batch(processor, [WIDE])
     with flowcut.apply(model, keep=KEEP), pytest.raises(ValueError, match="build inputs with the processor passed"):
         model(**stock_inputs)
+
+
+def test_left_and_right_padding_give_the_same_next_token(next_model):
+    from flowcut.evaluate import last_token_logits
+
+    model, processor = next_model
+    processor = copy.deepcopy(processor)
+    tokens = []
+    with flowcut.apply(model, processor=processor, keep=KEEP) as handle, torch.no_grad():
+        for side in ("left", "right"):
+            processor.tokenizer.padding_side = side
+            inputs = batch(processor, [WIDE, None, SQUARE])
+            logits = model(**inputs).logits
+            kept = handle.last_trace.language_positions
+            tokens.append(last_token_logits(logits, inputs["attention_mask"], kept).argmax(-1))
+    assert torch.equal(tokens[0], tokens[1])

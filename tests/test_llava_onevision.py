@@ -100,3 +100,13 @@ def test_stock_counts_follow_the_interpolation_of_large_grids():
         model(**inputs)
         assert handle.last_trace.image_tokens[0][0] == stock_count
         assert handle.last_trace.image_tokens[0][2] == round(0.25 * stock_count)
+
+
+def test_remove_restores_the_stock_model(onevision):
+    model, processor = onevision
+    inputs = processor(images=[[SQUARE, WIDE]], text=[TWO], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**inputs).logits
+        with flowcut.apply(model, processor=copy.deepcopy(processor), keep=KEEP):
+            pass
+        assert torch.equal(model(**inputs).logits, before)
