@@ -81,3 +81,28 @@ def test_cli_bench_writes_markdown_and_json(tmp_path):
     assert (tmp_path / "out" / "bench.png").stat().st_size > 1000
     bad = CliRunner().invoke(app, [*arguments, "--methods", "fastvv", "--output", str(tmp_path / "out")])
     assert bad.exit_code == 2 and "unknown method 'fastvv'" in bad.output
+
+
+def test_preset_has_the_published_shapes_and_runs_in_smoke_mode(tmp_path):
+    from flowcut.bench.presets import PRESETS, build_preset
+
+    shapes = PRESETS["llava-1.5-7b"]
+    assert (shapes.vision_hidden, shapes.vision_layers, shapes.image_size // shapes.patch_size) == (1024, 24, 24)
+    assert (shapes.text_hidden, shapes.text_intermediate, shapes.text_layers, shapes.vocab_size) == (
+        4096,
+        11008,
+        32,
+        32064,
+    )
+    model, _ = build_preset("llava-1.5-7b", text_layers=2, smoke=True)
+    assert model.config.text_config.num_hidden_layers == 2 and model.config.text_config.hidden_size == 256
+    arguments = ["bench", "--preset", "llava-1.5-7b", "--smoke", "--text-layers", "2", "--no-plot"]
+    options = ["--methods", "flowcut", "--budgets", "64", "--rounds", "1", "--warmup", "0", "--new-tokens", "2"]
+    result = CliRunner().invoke(app, [*arguments, *options, "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["results"]
+    assert [row["visual_tokens"] for row in rows] == [576, 64]
+    both = CliRunner().invoke(app, [*arguments, "--model", "x"])
+    assert both.exit_code == 2 and "either --model or --preset" in both.output
+    unknown = CliRunner().invoke(app, ["bench", "--preset", "llava-13b", "--no-plot"])
+    assert unknown.exit_code == 2 and "unknown preset 'llava-13b'; available: llava-1.5-7b" in unknown.output

@@ -388,11 +388,21 @@ def bench(
         "bench-results"
     ),
     plot: Annotated[bool, typer.Option(help="Write the speed-up plot (needs matplotlib).")] = True,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="Random weights at a published model's shapes instead of --model: llava-1.5-7b."),
+    ] = None,
+    text_layers: Annotated[
+        int | None, typer.Option(help="With --preset: language-model layers to build (CPU runs: a few).")
+    ] = None,
+    smoke: Annotated[bool, typer.Option(help="With --preset: every width divided by 16 (a quick check).")] = False,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
 ) -> None:
     """Time the encoder, prefill and generation of every method against the unpruned model, with FLOPs."""
     import json
+
+    import torch
 
     from flowcut.bench.run import BenchSetting, benchmark, environment, to_dict, to_markdown
     from flowcut.bench.run import plot as plot_speedups
@@ -410,7 +420,20 @@ def bench(
         _fail(str(error))
     picture = _open_image(image) if image is not None else make_sample("test", 1).image
     device, dtype = _resolve_device_dtype(device, dtype)
-    loaded_model, processor = load_model(_model_source(model), device, dtype)
+    if preset is None:
+        if text_layers is not None or smoke:
+            _fail("--text-layers and --smoke apply to --preset models")
+        loaded_model, processor = load_model(_model_source(model), device, dtype)
+    else:
+        if model is not None:
+            _fail("pass either --model or --preset, not both")
+        from flowcut.bench.presets import build_preset
+
+        try:
+            loaded_model, processor = build_preset(preset, text_layers, smoke, getattr(torch, dtype))
+        except ValueError as error:
+            _fail(str(error))
+        loaded_model.to(device)
     try:
         results = benchmark(
             loaded_model, processor, picture, prompt, settings, rounds=rounds, warmup=warmup, new_tokens=new_tokens

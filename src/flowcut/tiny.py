@@ -176,13 +176,19 @@ def build_tiny_llava(
     patch_size: int = 7,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    vocab_size: int | None = None,
     **config_options: int | float,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A random tiny LLaVA and its processor; the same ``seed`` gives the same weights."""
+    """A random tiny LLaVA and its processor; the same ``seed`` gives the same weights.
+
+    ``vocab_size`` may exceed the tokenizer's (a model-sized embedding and output layer for timing).
+    """
     processor = build_processor(image_size, patch_size)
     tokenizer = processor.tokenizer
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size must cover the tokenizer's {len(tokenizer)} tokens, got {vocab_size}")
     config = tiny_llava_config(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
         image_size=image_size,

@@ -1,0 +1,89 @@
+"""Random-weight models at the real shapes of published VLMs, for speed measurements without a download.
+
+Speed depends on shapes, not on weights: a preset builds the architecture with random weights and
+an offline processor, so ``flowcut bench --preset llava-1.5-7b`` measures what pruning buys at
+LLaVA-1.5-7B's sizes on any machine. ``text_layers`` caps the language model's depth so a CPU run
+finishes in minutes (every decoder layer costs the same, so per-layer ratios carry over);
+``smoke`` divides every width by 16 for a seconds-long check of the whole path (CI).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from flowcut.tiny import build_tiny_llava
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The published shapes of one model."""
+
+    summary: str
+    image_size: int
+    patch_size: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_heads: int
+    text_hidden: int
+    text_intermediate: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    vocab_size: int
+
+
+PRESETS = {
+    "llava-1.5-7b": Preset(
+        "LLaVA-1.5-7B: CLIP ViT-L/14-336 (24 layers, 576 patches) + a 32-layer, 4096-wide Llama (Vicuna-7B)",
+        image_size=336,
+        patch_size=14,
+        vision_hidden=1024,
+        vision_intermediate=4096,
+        vision_layers=24,
+        vision_heads=16,
+        text_hidden=4096,
+        text_intermediate=11008,
+        text_layers=32,
+        text_heads=32,
+        text_kv_heads=32,
+        vocab_size=32064,
+    ),
+}
+
+SMOKE_DIVISOR = 16
+
+
+def build_preset(
+    name: str, text_layers: int | None = None, smoke: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """The preset's architecture with random weights, and an offline processor for it."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    layers = preset.text_layers if text_layers is None else text_layers
+    if not 2 <= layers <= preset.text_layers:
+        raise ValueError(f"text_layers must be between 2 and {preset.text_layers} for {name}, got {layers}")
+    divisor = SMOKE_DIVISOR if smoke else 1
+    # Smoke widths keep 4 heads per tower, so every head stays at least 16 wide.
+    vision_heads = 4 if smoke else preset.vision_heads
+    text_heads, text_kv_heads = (4, 4) if smoke else (preset.text_heads, preset.text_kv_heads)
+    return build_tiny_llava(
+        seed=seed,
+        image_size=preset.image_size,
+        patch_size=preset.patch_size,
+        dtype=dtype,
+        vocab_size=preset.vocab_size,
+        vision_layers=preset.vision_layers,
+        vision_hidden=preset.vision_hidden // divisor,
+        vision_intermediate=preset.vision_intermediate // divisor,
+        vision_heads=vision_heads,
+        text_layers=layers,
+        text_hidden=preset.text_hidden // divisor,
+        text_intermediate=preset.text_intermediate // divisor,
+        text_heads=text_heads,
+        text_kv_heads=text_kv_heads,
+    )
