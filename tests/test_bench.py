@@ -11,6 +11,7 @@ from conftest import make_image
 from flowcut.bench.flops import prefill_flops
 from flowcut.bench.run import BenchSetting, benchmark, environment, model_shapes, to_markdown
 from flowcut.cli import app
+from flowcut.config import FlowCutConfig
 from flowcut.tiny import build_tiny_llava, save_tiny_llava
 
 KEEP = 16
@@ -46,6 +47,11 @@ def test_benchmark_measures_every_setting_each_round(tiny):
     assert pruned.visual_tokens == KEEP and pruned.flops.total < unpruned.flops.total
     table = to_markdown(results, environment(model))
     assert "| flowcut@16 | 16 |" in table and "threads" in table
+    # FlowCut times its own scoring inside every encoder pass; the other methods have nothing to time.
+    assert len(pruned.timings.scoring) == 2 and 0 < max(pruned.timings.scoring) < min(pruned.timings.vision)
+    assert unpruned.timings.scoring == results[2].timings.scoring == []
+    with pytest.raises(ValueError, match="time_scoring=True is a FlowCut setting"):
+        FlowCutConfig(keep=KEEP, method="random", time_scoring=True)
 
 
 def test_benchmark_refuses_impossible_settings_before_measuring(tiny):

@@ -28,6 +28,7 @@ _FLOWCUT_ONLY = {
     "criteria": "all",
     "prune_interval": 2,
     "ema_weight": 0.5,
+    "time_scoring": False,
 }
 
 CONFIG_NAME = "flowcut_config.json"
@@ -78,6 +79,8 @@ class FlowCutConfig:
     0 turns the cumulative score off (each layer prunes by its own score; ablation)."""
     record_scores: bool = False
     """Keep every layer's criteria maps in the trace (for visualisation; costs a copy per layer)."""
+    time_scoring: bool = False
+    """Measure FlowCut's scoring and selection time into ``trace.scoring_ms`` (``flowcut bench`` uses it)."""
     schedule: str = "progressive"
     """``"one_shot"``: score one layer (the last before the features) and prune to ``keep`` there (ablation)."""
     seed: int = 0

@@ -25,6 +25,8 @@ class PruningTrace:
     image_tokens: list[tuple[int, int, int]] | None = None
     """Two-stage model families: per image, its visual tokens in the unpruned model, those entering the
     language model (the layers up to the pruning layer see them) and those the later layers see."""
+    scoring_ms: float | None = None
+    """With ``time_scoring``: milliseconds FlowCut's encoder stage spent scoring and selecting."""
     image_grids: list[tuple[int, int]] | None = None
     """Per image, its grid (rows, columns) when images differ in size (Qwen2-VL: the merged grid)."""
 

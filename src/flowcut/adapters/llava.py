@@ -192,7 +192,10 @@ class LlavaFamily:
         )
         with self.encoder.session():
             selected = self.method.run(call)
-        self.on_trace(PruningTrace(selected.images, self.encoder.grid_size, self.tokens_per_image, feature_layer))
+        trace = PruningTrace(selected.images, self.encoder.grid_size, self.tokens_per_image, feature_layer)
+        if selected.scoring_seconds is not None:
+            trace.scoring_ms = 1000 * selected.scoring_seconds
+        self.on_trace(trace)
         output = BaseModelOutputWithPooling(
             last_hidden_state=selected.hidden_states, pooler_output=list(selected.features)
         )

@@ -40,8 +40,8 @@ class BenchSetting:
         return "unpruned" if self.method is None else f"{self.method}@{self.keep}"
 
     def config(self) -> FlowCutConfig:
-        """The pruning configuration of a method setting."""
-        return FlowCutConfig(keep=self.keep, method=self.method)
+        """The pruning configuration of a method setting (FlowCut also times its own scoring)."""
+        return FlowCutConfig(keep=self.keep, method=self.method, time_scoring=self.method == "flowcut")
 
 
 @dataclass
@@ -51,6 +51,8 @@ class Timings:
     vision: list[float] = field(default_factory=list)
     prefill: list[float] = field(default_factory=list)
     generate: list[float] = field(default_factory=list)
+    scoring: list[float] = field(default_factory=list)
+    """FlowCut only: the part of each encoder time spent scoring and selecting tokens."""
 
 
 @dataclass
@@ -171,6 +173,7 @@ def benchmark(
                 generation = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
                 with torch.inference_mode():
                     vision_ms, _ = timed(partial(model.model.get_image_features, inputs["pixel_values"]))
+                    scoring_ms = handle.last_trace.scoring_ms if setting.method == "flowcut" else None
                     # Logits of the last position only, as generate() computes them in its prefill.
                     prefill_ms, output = timed(partial(model, **inputs, use_cache=True, logits_to_keep=1))
                     generate_ms, _ = timed(partial(model.generate, **inputs, **generation))
@@ -184,6 +187,8 @@ def benchmark(
                 timings.vision.append(vision_ms)
                 timings.prefill.append(prefill_ms)
                 timings.generate.append(generate_ms)
+                if scoring_ms is not None:
+                    timings.scoring.append(scoring_ms)
             finally:
                 if handle is not None:
                     handle.remove()
@@ -234,8 +239,8 @@ def to_markdown(results: Sequence[BenchResult], env: dict[str, Any]) -> str:
         f"{reference.prompt_tokens} text tokens in the prompt; {reference.new_tokens} new tokens generated.",
         "",
         "| setting | visual tokens | encoder ms | prefill ms | generate ms | decode tok/s | KV cache MiB "
-        "| prefill GFLOPs | prefill speed-up | FLOP-bound speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| prefill GFLOPs | prefill speed-up | FLOP-bound speed-up | scoring ms (share of encoder) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         cells = [result.setting.label, str(result.visual_tokens)]
@@ -247,6 +252,11 @@ def to_markdown(results: Sequence[BenchResult], env: dict[str, Any]) -> str:
         cells.append(f"{result.flops.total / 1e9:.2f}")
         cells.append(f"{reference.median('prefill') / result.median('prefill'):.2f}×")
         cells.append(f"{reference.flops.total / result.flops.total:.2f}×")
+        if result.timings.scoring:
+            scoring = statistics.median(result.timings.scoring)
+            cells.append(f"{scoring:.2f} ({100 * scoring / result.median('vision'):.1f} %)")
+        else:
+            cells.append("–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

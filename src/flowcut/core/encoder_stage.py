@@ -12,6 +12,7 @@ so an image keeps the same tokens alone or in any batch.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -45,6 +46,8 @@ class EncoderStageSettings:
     """Ablation: equal prune steps instead of SPEC §2's entropy-adaptive counts."""
     relation_only: bool = False
     """Ablation: score patches by CLS attention alone (multi-criteria off)."""
+    time_scoring: bool = False
+    """Measure the wall time of the scoring and selection steps (on CUDA this synchronises around them)."""
 
     @property
     def last_prune_layer(self) -> int:
@@ -156,6 +159,8 @@ class EncoderStageOutput:
     images: list[ImageTrace]
     counts: list[int] = field(default_factory=list)
     """Units each image kept (the first ``counts[b]`` unit slots of row ``b`` are real)."""
+    scoring_seconds: float | None = None
+    """With ``time_scoring``: seconds spent scoring and selecting (criteria, scores, entropy, top-k)."""
 
     @property
     def kept_indices(self) -> torch.Tensor:
@@ -222,6 +227,7 @@ def run_encoder_stage(
     positions = torch.arange(slots - lead, device=device).expand(batch_size, -1)
     positions = positions.masked_fill(positions >= torch.tensor(counts, device=device)[:, None], -1)
     cumulative: torch.Tensor | None = None
+    scoring_seconds = 0.0
     traces = [
         ImageTrace(
             kept_indices=torch.empty(0, dtype=torch.long),
@@ -251,6 +257,7 @@ def run_encoder_stage(
                     trace.scores[name].append(None)
             continue
 
+        scoring_started = _clock(device) if settings.time_scoring else 0.0
         patch_alive = alive[:, lead:] if alive is not None else None
         with torch.no_grad():  # scores only choose tokens: no gradient flows through a selection
             criteria = adapter.criteria(recorder.take(), alive)
@@ -279,6 +286,8 @@ def run_encoder_stage(
 
         remaining = settings.last_prune_layer - index
         if not is_prune_layer(remaining, settings.prune_interval):
+            if settings.time_scoring:
+                scoring_seconds += _clock(device) - scoring_started
             continue
         if settings.uniform_counts:
             removed = [
@@ -289,11 +298,15 @@ def run_encoder_stage(
             removed = [prune_count(count, keeps[b], remaining, ratios[b]) for b, count in enumerate(counts)]
         new_counts = [count - gone for count, gone in zip(counts, removed, strict=True)]
         if new_counts == counts:
+            if settings.time_scoring:
+                scoring_seconds += _clock(device) - scoring_started
             continue
         kept_slots = [
             select_kept(_eligible_scores(cumulative[b, :count], eligible[b], positions[b, :count]), new)
             for b, (count, new) in enumerate(zip(counts, new_counts, strict=True))
         ]
+        if settings.time_scoring:
+            scoring_seconds += _clock(device) - scoring_started
         hidden_states, positions, cumulative = _compact(hidden_states, positions, cumulative, kept_slots, lead)
         for b, (trace, count, new) in enumerate(zip(traces, counts, new_counts, strict=True)):
             if new != count:
@@ -304,7 +317,15 @@ def run_encoder_stage(
     for b, trace in enumerate(traces):
         trace.kept_indices = positions[b, : counts[b]].cpu()
         trace.kept_after_prune = [kept.cpu() for kept in trace.kept_after_prune]
-    return EncoderStageOutput(hidden_states=hidden_states, images=traces, counts=counts)
+    timing = scoring_seconds if settings.time_scoring else None
+    return EncoderStageOutput(hidden_states=hidden_states, images=traces, counts=counts, scoring_seconds=timing)
+
+
+def _clock(device: torch.device) -> float:
+    """Seconds on a monotonic clock, after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _eligible_scores(cumulative: torch.Tensor, eligible: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:

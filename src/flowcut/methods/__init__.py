@@ -52,6 +52,8 @@ class MethodOutput:
     hidden_states: torch.Tensor
     """The encoder-side tokens the features were projected from (``last_hidden_state`` of the call)."""
     images: list[ImageTrace]
+    scoring_seconds: float | None = None
+    """Time spent choosing the tokens, where the method measured it (FlowCut with ``time_scoring``)."""
 
 
 class Method:

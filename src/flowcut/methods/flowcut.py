@@ -19,6 +19,7 @@ def stage_settings(config: FlowCutConfig, keep: int, feature_layer: int) -> Enco
         prune_interval=config.prune_interval,
         ema_weight=config.ema_weight,
         record_scores=config.record_scores,
+        time_scoring=config.time_scoring,
         one_shot=config.schedule == "one_shot",
         uniform_counts=config.counts == "uniform",
         relation_only=config.criteria == "relation",
@@ -34,4 +35,5 @@ class FlowCut(Method):
         settings = stage_settings(call.config, call.config.keep, call.feature_layer)
         stage = run_encoder_stage(call.encoder, call.pixel_values, settings)
         # LLaVA's "default" feature selection: the patch tokens, without CLS.
-        return MethodOutput(call.project(stage.hidden_states[:, 1:]), stage.hidden_states, stage.images)
+        features = call.project(stage.hidden_states[:, 1:])
+        return MethodOutput(features, stage.hidden_states, stage.images, scoring_seconds=stage.scoring_seconds)
