@@ -396,6 +396,10 @@ def bench(
         int | None, typer.Option(help="With --preset: language-model layers to build (CPU runs: a few).")
     ] = None,
     smoke: Annotated[bool, typer.Option(help="With --preset: every width divided by 16 (a quick check).")] = False,
+    attention: Annotated[
+        str | None,
+        typer.Option(help="Attention implementation to measure with: sdpa, eager (default: the model's own)."),
+    ] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
 ) -> None:
@@ -434,6 +438,10 @@ def bench(
         except ValueError as error:
             _fail(str(error))
         loaded_model.to(device)
+    if attention is not None:
+        if attention not in ("sdpa", "eager"):
+            _fail(f"--attention must be sdpa or eager, got {attention!r}")
+        loaded_model.set_attn_implementation(attention)
     try:
         results = benchmark(
             loaded_model, processor, picture, prompt, settings, rounds=rounds, warmup=warmup, new_tokens=new_tokens
