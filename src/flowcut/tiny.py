@@ -155,9 +155,14 @@ def tiny_llava_config(
 
 
 def _seeded_model(
-    model_class: type, config: object, seed: int, attn_implementation: str, tokenizer: PreTrainedTokenizerFast
+    model_class: type,
+    config: object,
+    seed: int,
+    attn_implementation: str,
+    tokenizer: PreTrainedTokenizerFast,
+    dtype: torch.dtype,
 ) -> torch.nn.Module:
-    """``model_class(config)`` with weights drawn from ``seed`` (the global generator is left as it was)."""
+    """``model_class(config)`` in eval mode, weights drawn from ``seed`` (the global generator is left as it was)."""
     config._attn_implementation = attn_implementation
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -167,7 +172,7 @@ def _seeded_model(
         torch.random.set_rng_state(generator_state)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+    return model.to(dtype).eval()
 
 
 def build_tiny_llava(
@@ -195,8 +200,8 @@ def build_tiny_llava(
         patch_size=patch_size,
         **config_options,
     )
-    model = _seeded_model(LlavaForConditionalGeneration, config, seed, attn_implementation, tokenizer)
-    return model.to(dtype).eval(), processor
+    model = _seeded_model(LlavaForConditionalGeneration, config, seed, attn_implementation, tokenizer, dtype)
+    return model, processor
 
 
 def save_tiny_llava(directory: str | Path, seed: int = 0, **options: int | float) -> Path:
@@ -301,11 +306,16 @@ def build_tiny_qwen(
         )
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
         model_class, processor_class = Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    model = _seeded_model(model_class, config, seed, attn_implementation, tokenizer)
+    model = _seeded_model(model_class, config, seed, attn_implementation, tokenizer, dtype)
     processor = _image_only(processor_class)(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE
     )
-    return model.to(dtype).eval(), processor
+    return model, processor
+
+
+def _anyres_pinpoints(image_size: int) -> list[list[int]]:
+    """Anyres resolutions of a tiny model: a base view plus a grid of up to 2x2 crops of ``image_size``."""
+    return [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
 
 
 def build_tiny_llava_next(
@@ -317,7 +327,7 @@ def build_tiny_llava_next(
     **config_options: int | float,
 ) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
     """A random tiny LLaVA-NeXT (anyres: a base view plus a grid of up to 2x2 crops) and its processor."""
-    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    pinpoints = _anyres_pinpoints(image_size)
     tokenizer = build_tokenizer()
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": image_size},
@@ -349,8 +359,8 @@ def build_tiny_llava_next(
         vision_feature_select_strategy="default",
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = _seeded_model(LlavaNextForConditionalGeneration, config, seed, attn_implementation, tokenizer)
-    return model.to(dtype).eval(), processor
+    model = _seeded_model(LlavaNextForConditionalGeneration, config, seed, attn_implementation, tokenizer, dtype)
+    return model, processor
 
 
 def build_tiny_llava_onevision(
@@ -366,7 +376,7 @@ def build_tiny_llava_onevision(
     **text_options: int,
 ) -> tuple[LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor]:
     """A random tiny LLaVA-OneVision (SigLIP tower without CLS, anyres up to 2x2 crops) and its processor."""
-    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    pinpoints = _anyres_pinpoints(image_size)
     tokenizer = build_tokenizer(special_tokens=["<video>"])
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": image_size, "width": image_size},
@@ -408,5 +418,5 @@ def build_tiny_llava_onevision(
         vision_aspect_ratio=f"anyres_max_{max_crops}",
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = _seeded_model(LlavaOnevisionForConditionalGeneration, config, seed, attn_implementation, tokenizer)
-    return model.to(dtype).eval(), processor
+    model = _seeded_model(LlavaOnevisionForConditionalGeneration, config, seed, attn_implementation, tokenizer, dtype)
+    return model, processor

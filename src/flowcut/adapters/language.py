@@ -12,6 +12,7 @@ right positions. Everything is done with hooks on one model instance and removed
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +21,14 @@ import torch
 
 from flowcut.adapters.attention import RECORDING_ATTENTION, resolve_attention
 from flowcut.core.encoder_stage import AttentionRecorder
-from flowcut.core.language_stage import kept_positions, last_real_positions, last_token_scores
+from flowcut.core.language_stage import kept_per_image, kept_positions, last_real_positions, last_token_scores
 
 Budgets = Callable[[torch.Tensor], tuple[list[list[int]], list[list[int]]]]
 """From a ``(B, L)`` visual-token mask: per row, the lengths of its images and their budgets."""
+
+OnPrune = Callable[[torch.Tensor, list[torch.Tensor]], None]
+"""Told of each prune: the ``(B, L')`` positions later layers hold, and per image (batch order) the mask
+over its visual tokens of those that continue."""
 
 
 @dataclass
@@ -87,6 +92,16 @@ def images_key(kwargs: dict[str, Any]) -> tuple | None:
     return tuple(values.shape), float(flat.sum()), float((flat * weights).sum())
 
 
+def decoder_pruner(
+    language_model: torch.nn.Module, layer: int, budgets: Budgets, score: str, on_prune: OnPrune
+) -> DecoderPruner:
+    """A :class:`DecoderPruner` on a decoder-only language model's layers, with the attention they use."""
+    layers = list(language_model.layers)
+    attention = layers[0].self_attn
+    eager = sys.modules[type(attention).__module__].eager_attention_forward
+    return DecoderPruner(layers, attention.config, eager, layer, budgets, score, on_prune)
+
+
 class DecoderPruner:
     """Installs language-model pruning on the decoder layers of one model instance."""
 
@@ -98,7 +113,7 @@ class DecoderPruner:
         layer: int,
         budgets: Budgets,
         score: str,
-        on_prune: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None],
+        on_prune: OnPrune,
     ) -> None:
         if not 0 <= layer < len(decoder_layers) - 1:
             raise ValueError(
@@ -196,7 +211,7 @@ class DecoderPruner:
         if pinned is not None and not isinstance(output, BaseException):
             if _output_states(output).shape[1] == pinned.prompt_length:
                 self._pinned, self.pruned = None, pinned
-                self.on_prune(pinned.positions, pinned.visual, pinned.filler)
+                self._report(pinned.positions, pinned.visual, pinned.filler)
                 return _keep_positions(output, pinned.positions)
         if self._recorder is None:
             return None
@@ -223,8 +238,27 @@ class DecoderPruner:
             positions, length, None, layout.visual, layout.input_ids, positions, filler, layout.images_key
         )
         self.layout = None  # used once: a later pass must not be pruned by this prompt's layout
-        self.on_prune(positions, layout.visual, filler)
+        self._report(positions, layout.visual, filler, lengths)
         return _keep_positions(output, positions)
+
+    def _report(
+        self,
+        positions: torch.Tensor,
+        visual: torch.Tensor,
+        filler: torch.Tensor | None,
+        lengths: list[list[int]] | None = None,
+    ) -> None:
+        if lengths is None:
+            lengths, _ = self.budgets(visual)
+        self.on_prune(positions, kept_per_image(positions, visual, filler, lengths))
+
+    def refuse_static_cache(self, cache: Any, method: str) -> None:
+        """Static (compileable) caches keep the full prompt length: pruning after a layer cannot use them."""
+        if getattr(cache, "is_compileable", False):
+            raise ValueError(
+                f"method {method!r} prunes inside the language model and needs a dynamic KV cache; "
+                "static (compileable) caches keep the full prompt length"
+            )
 
     def _before_later_layer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         pruned = self.pruned

@@ -9,7 +9,6 @@ stays on and passes.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -19,8 +18,8 @@ from transformers import LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from flowcut.adapters.clip import ClipEncoderAdapter
-from flowcut.adapters.language import DecoderPruner, images_key, prompt_layout
-from flowcut.adapters.processor import adapt_processor, restore_processor
+from flowcut.adapters.language import DecoderPruner, decoder_pruner, images_key, prompt_layout
+from flowcut.adapters.processor import adapt_processor, check_placeholder_count, restore_processor
 from flowcut.config import FlowCutConfig, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace
 from flowcut.core.language_stage import uniform_budgets
@@ -79,12 +78,8 @@ class LlavaFamily:
         self._feature_layer = self.default_feature_layer
         self.pruner: DecoderPruner | None = None
         if self.method.stage == "language" and self.tokens_per_image < self.encoder.num_patches:
-            layers = self.base.language_model.layers
-            attention = layers[0].self_attn
-            self.pruner = DecoderPruner(
-                list(layers),
-                attention.config,
-                sys.modules[type(attention).__module__].eager_attention_forward,
+            self.pruner = decoder_pruner(
+                self.base.language_model,
                 self.method.language_layer,
                 lambda visual: uniform_budgets(visual, self.encoder.num_patches, self.tokens_per_image),
                 self.method.language_score,
@@ -206,16 +201,9 @@ class LlavaFamily:
         layers, patches = self.encoder.num_layers, self.encoder.num_patches
         return ImageTrace(kept_indices, [patches] * layers, [], [None] * layers)
 
-    def _language_trace(self, positions: torch.Tensor, visual: torch.Tensor, filler: torch.Tensor | None) -> None:
+    def _language_trace(self, positions: torch.Tensor, kept: list[torch.Tensor]) -> None:
         """Trace of a language-model prune: each image's kept visual tokens as patch indices."""
-        num_patches = self.encoder.num_patches
-        images = []
-        for b, (row_positions, row_visual) in enumerate(zip(positions, visual, strict=True)):
-            kept = torch.zeros_like(row_visual)
-            kept[row_positions if filler is None else row_positions[~filler[b]]] = True  # fillers are not kept
-            for image in row_visual.nonzero().squeeze(1).split(num_patches):
-                indices = kept[image].nonzero().squeeze(1).cpu()
-                images.append(self._stock_image_trace(indices))
+        images = [self._stock_image_trace(mask.nonzero().squeeze(1).cpu()) for mask in kept]
         trace = PruningTrace(images, self.encoder.grid_size, self.tokens_per_image, self._feature_layer, positions)
         self.on_trace(trace)
 
@@ -224,11 +212,7 @@ class LlavaFamily:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if self.pruner is not None:
             cache = kwargs.get("past_key_values")
-            if getattr(cache, "is_compileable", False):
-                raise ValueError(
-                    f"method {self.config.method!r} prunes inside the language model and needs a dynamic KV cache; "
-                    "static (compileable) caches keep the full prompt length"
-                )
+            self.pruner.refuse_static_cache(cache, self.config.method)
             if cache is None or cache.get_seq_length() == 0:
                 if input_ids is None:
                     raise ValueError(f"method {self.config.method!r} needs input_ids to find the image tokens")
@@ -250,13 +234,8 @@ class LlavaFamily:
         if not num_images:
             return
         placeholders = int((input_ids == self.image_token_id).sum())
-        expected = num_images * self.input_tokens_per_image
-        if placeholders != expected and placeholders == num_images * self.stock_tokens_per_image:
-            raise ValueError(
-                f"the prompt holds {self.stock_tokens_per_image} image tokens per image, but this model keeps "
-                f"{self.input_tokens_per_image}: build inputs with the processor passed to "
-                "flowcut.apply(model, processor=processor, keep=...), which shrinks the placeholders to match"
-            )
+        expected, stock = num_images * self.input_tokens_per_image, num_images * self.stock_tokens_per_image
+        check_placeholder_count(placeholders, expected, stock, images=num_images)
 
     # -- processor side ---------------------------------------------------------------------
 

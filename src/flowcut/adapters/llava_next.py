@@ -25,7 +25,6 @@ image's stock token count leaves it untouched.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,13 +39,13 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from flowcut.adapters.clip import vision_adapter
-from flowcut.adapters.language import DecoderPruner, images_key, prompt_layout
+from flowcut.adapters.language import DecoderPruner, decoder_pruner, images_key, prompt_layout
 from flowcut.adapters.llava import check_select_strategy, feature_layer_index
-from flowcut.adapters.processor import adapt_processor, restore_processor
+from flowcut.adapters.processor import adapt_processor, check_placeholder_count, restore_processor
 from flowcut.config import FlowCutConfig, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace, run_encoder_stage
 from flowcut.core.language_stage import sequential_budgets
-from flowcut.methods import get_method
+from flowcut.methods import available_method
 from flowcut.methods.flowcut import stage_settings
 from flowcut.trace import PruningTrace
 
@@ -89,14 +88,10 @@ class LlavaNextFamily:
     model_classes = (LlavaNextForConditionalGeneration,)
 
     def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
-        if config.method not in METHODS:
-            raise ValueError(
-                f"method {config.method!r} is not available for {type(model).__name__}; available: {', '.join(METHODS)}"
-            )
+        self.method = available_method(config.method, METHODS, type(model).__name__)
         self.model = model
         self.config = config
         self.on_trace = on_trace
-        self.method = get_method(config.method)
         self.base = model.model
         self.encoder = vision_adapter(self.base.vision_tower)
         model_config = model.config
@@ -115,15 +110,11 @@ class LlavaNextFamily:
         self._hook = None
         self.pruner: DecoderPruner | None = None
         if self.method.prunes:
-            layers = list(self.base.language_model.layers)
-            attention = layers[0].self_attn
-            self.pruner = DecoderPruner(
-                layers,
-                attention.config,
-                sys.modules[type(attention).__module__].eager_attention_forward,
+            self.pruner = decoder_pruner(
+                self.base.language_model,
                 self.method.language_layer,
                 self._budgets,
-                "flowcut" if config.method == "flowcut" else self.method.language_score,
+                self.method.language_score,
                 self._language_trace,
             )
 
@@ -307,11 +298,8 @@ class LlavaNextFamily:
         """Check the placeholders; tell the language-model pruner about a fresh prompt."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
-        if getattr(cache, "is_compileable", False) and self.pruner is not None:
-            raise ValueError(
-                f"method {self.config.method!r} prunes inside the language model and needs a dynamic KV cache; "
-                "static (compileable) caches keep the full prompt length"
-            )
+        if self.pruner is not None:
+            self.pruner.refuse_static_cache(cache, self.config.method)
         if cache is not None and cache.get_seq_length() > 0:
             return
         if kwargs.get("pixel_values") is not None:
@@ -326,7 +314,9 @@ class LlavaNextFamily:
             layouts = []
             self.prompt = None
         if input_ids is not None and layouts:
-            self._check_placeholders(input_ids, layouts)
+            placeholders = int((input_ids == self.image_token_id).sum())
+            expected = sum(lay.placeholders for lay in layouts)
+            check_placeholder_count(placeholders, expected, sum(lay.stock_tokens for lay in layouts))
         if self.pruner is not None:
             language_prunes = any(lay.budget < lay.placeholders for lay in layouts)
             if language_prunes and input_ids is None:
@@ -337,27 +327,10 @@ class LlavaNextFamily:
                 self.prompt = self.prompt if self.prompt is not None else _Prompt(layouts)
             self.pruner.start_prefill(layout)
 
-    def _check_placeholders(self, input_ids: torch.Tensor, layouts: list[ImageLayout]) -> None:
-        placeholders = int((input_ids == self.image_token_id).sum())
-        expected = sum(lay.placeholders for lay in layouts)
-        stock = sum(lay.stock_tokens for lay in layouts)
-        if placeholders != expected and placeholders == stock:
-            raise ValueError(
-                f"the prompt holds {stock} image tokens for its images, but this model keeps {expected}: build "
-                "inputs with the processor passed to flowcut.apply(model, processor=processor, keep=...), "
-                "which shrinks the placeholders to match"
-            )
-
-    def _language_trace(self, positions: torch.Tensor, visual: torch.Tensor, filler: torch.Tensor | None) -> None:
+    def _language_trace(self, positions: torch.Tensor, kept: list[torch.Tensor]) -> None:
         """Per image: its stock visual tokens, those entering the language model, those kept after layer 1."""
-        layouts = iter(self.prompt.layouts)
-        lengths, _ = self._budgets(visual)
-        tokens = []
-        for b, (row_positions, row_visual) in enumerate(zip(positions, visual, strict=True)):
-            kept = torch.zeros_like(row_visual)
-            kept[row_positions if filler is None else row_positions[~filler[b]]] = True
-            for span in row_visual.nonzero().squeeze(1).split(lengths[b]):
-                tokens.append((next(layouts).stock_tokens, len(span), int(kept[span].sum())))
+        layouts = self.prompt.layouts
+        tokens = [(lay.stock_tokens, len(mask), int(mask.sum())) for lay, mask in zip(layouts, kept, strict=True)]
         self._trace(tokens, positions)
 
     def _trace_without_language_stage(self) -> None:

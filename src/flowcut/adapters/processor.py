@@ -53,6 +53,25 @@ def adapt_processor(processor: Any, image_token_id: int, family: str, placeholde
     processor._get_num_multimodal_tokens = get_num_multimodal_tokens
 
 
+def check_placeholder_count(placeholders: int, expected: int, stock: int, images: int | None = None) -> None:
+    """Explain a prompt built for the unpruned model before the model's own placeholder check fails.
+
+    ``expected`` and ``stock`` are the prompt's image tokens with and without pruning; ``images``,
+    where every image has the same counts, states them per image.
+    """
+    if placeholders == expected or placeholders != stock:
+        return
+    if images:
+        stock, expected, per = stock // images, expected // images, "per image"
+    else:
+        per = "for its images"
+    raise ValueError(
+        f"the prompt holds {stock} image tokens {per}, but this model keeps {expected}: build inputs with the "
+        "processor passed to flowcut.apply(model, processor=processor, keep=...), which shrinks the "
+        "placeholders to match"
+    )
+
+
 def restore_processor(processor: Any) -> None:
     """Undo :func:`adapt_processor`."""
     processor.__dict__.pop("replace_image_token", None)

@@ -21,7 +21,6 @@ tokens are padded with hidden filler slots after layer 1.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -30,13 +29,13 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from flowcut.adapters.language import DecoderPruner, images_key, prompt_layout
-from flowcut.adapters.processor import adapt_processor, restore_processor
+from flowcut.adapters.language import DecoderPruner, decoder_pruner, images_key, prompt_layout
+from flowcut.adapters.processor import adapt_processor, check_placeholder_count, restore_processor
 from flowcut.adapters.qwen_vision import QwenVisionAdapter
 from flowcut.config import FlowCutConfig, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace, run_encoder_stage
 from flowcut.core.language_stage import sequential_budgets
-from flowcut.methods import get_method
+from flowcut.methods import available_method
 from flowcut.methods.flowcut import stage_settings
 from flowcut.trace import PruningTrace
 
@@ -65,14 +64,10 @@ class QwenFamily:
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
 
     def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
-        if config.method not in METHODS:
-            raise ValueError(
-                f"method {config.method!r} is not available for {type(model).__name__}; available: {', '.join(METHODS)}"
-            )
+        self.method = available_method(config.method, METHODS, type(model).__name__)
         self.model = model
         self.config = config
         self.on_trace = on_trace
-        self.method = get_method(config.method)
         self.base = model.model
         self.encoder = QwenVisionAdapter(self.base.visual)
         self.image_token_id = model.config.image_token_id
@@ -80,15 +75,11 @@ class QwenFamily:
         self._hook = None
         self.pruner: DecoderPruner | None = None
         if self.method.prunes:
-            layers = list(self.base.language_model.layers)
-            attention = layers[0].self_attn
-            self.pruner = DecoderPruner(
-                layers,
-                attention.config,
-                sys.modules[type(attention).__module__].eager_attention_forward,
+            self.pruner = decoder_pruner(
+                self.base.language_model,
                 self.method.language_layer,
                 self._budgets,
-                "flowcut" if config.method == "flowcut" else self.method.language_score,
+                self.method.language_score,
                 self._language_trace,
             )
 
@@ -255,11 +246,8 @@ class QwenFamily:
         kwargs = dict(kwargs)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
-        if getattr(cache, "is_compileable", False) and self.pruner is not None:
-            raise ValueError(
-                f"method {self.config.method!r} prunes inside the language model and needs a dynamic KV cache; "
-                "static (compileable) caches keep the full prompt length"
-            )
+        if self.pruner is not None:
+            self.pruner.refuse_static_cache(cache, self.config.method)
         if kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video"):
             raise ValueError(
                 "FlowCut's Qwen path prunes images; video inputs are not supported yet (remove the handle to run them)"
@@ -317,12 +305,7 @@ class QwenFamily:
         """Explain a placeholder count that was made for the unpruned model before the model's own check fails."""
         placeholders = int((input_ids == self.image_token_id).sum())
         stock = sum(rows * columns for rows, columns in prompt.grids)
-        if placeholders != sum(prompt.placeholders) and placeholders == stock:
-            raise ValueError(
-                f"the prompt holds {stock} image tokens for its images, but this model keeps "
-                f"{sum(prompt.placeholders)}: build inputs with the processor passed to "
-                "flowcut.apply(model, processor=processor, keep=...), which shrinks the placeholders to match"
-            )
+        check_placeholder_count(placeholders, sum(prompt.placeholders), stock)
 
     def _budgets(self, visual: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
         """Per row, the placeholder count and budget of each of its images (images in batch order)."""
@@ -343,28 +326,19 @@ class QwenFamily:
         trace.image_tokens = tokens
         self.on_trace(trace)
 
-    def _language_trace(self, positions: torch.Tensor, visual: torch.Tensor, filler: torch.Tensor | None) -> None:
+    def _language_trace(self, positions: torch.Tensor, kept: list[torch.Tensor]) -> None:
         """Trace of a language-model prune: each image's surviving tokens as merged-grid cells."""
         prompt = self.prompt
         layers = self.encoder.num_layers
-        images, image = [], 0
-        for b, (row_positions, row_visual) in enumerate(zip(positions, visual, strict=True)):
-            kept = torch.zeros_like(row_visual)
-            kept[row_positions if filler is None else row_positions[~filler[b]]] = True  # fillers are not kept
-            visual_positions = row_visual.nonzero().squeeze(1)
-            offset = 0
-            while offset < len(visual_positions):
-                count = prompt.placeholders[image]
-                span = visual_positions[offset : offset + count]
-                cells = torch.arange(count) if prompt.kept_units is None else prompt.kept_units[image]
-                survivors = cells[kept[span].cpu()]
-                if prompt.encoder_images is None:
-                    units = prompt.grids[image][0] * prompt.grids[image][1]
-                    images.append(ImageTrace(survivors, [units] * layers, [], [None] * layers))
-                else:
-                    images.append(replace(prompt.encoder_images[image], kept_indices=survivors))
-                offset += count
-                image += 1
+        images = []
+        for image, mask in enumerate(kept):
+            cells = torch.arange(len(mask)) if prompt.kept_units is None else prompt.kept_units[image]
+            survivors = cells[mask.cpu()]
+            if prompt.encoder_images is None:
+                units = prompt.grids[image][0] * prompt.grids[image][1]
+                images.append(ImageTrace(survivors, [units] * layers, [], [None] * layers))
+            else:
+                images.append(replace(prompt.encoder_images[image], kept_indices=survivors))
         tokens = [
             (rows * columns, count, len(image.kept_indices))
             for (rows, columns), count, image in zip(prompt.grids, prompt.placeholders, images, strict=True)

@@ -109,6 +109,22 @@ def sequential_budgets(
     return row_lengths, row_keeps
 
 
+def kept_per_image(
+    positions: torch.Tensor, visual: torch.Tensor, filler: torch.Tensor | None, image_lengths: list[list[int]]
+) -> list[torch.Tensor]:
+    """Per image (batch order), a mask over its visual tokens of those that continue past the pruning layer.
+
+    ``positions``/``filler`` are :func:`kept_positions`' output (fillers do not continue);
+    ``image_lengths`` the rows' image lengths, as for :func:`kept_positions`.
+    """
+    masks = []
+    for b, (row_positions, row_visual) in enumerate(zip(positions, visual, strict=True)):
+        kept = torch.zeros_like(row_visual)
+        kept[row_positions if filler is None else row_positions[~filler[b]]] = True
+        masks.extend(kept[span] for span in row_visual.nonzero().squeeze(1).split(image_lengths[b]))
+    return masks
+
+
 def kept_positions(
     scores: torch.Tensor, visual: torch.Tensor, image_lengths: list[list[int]], keeps: list[list[int]]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -68,9 +68,10 @@ class Method:
     """``"encoder"``: :meth:`run` chooses the tokens handed to the language model. ``"language"``: every
     token enters the language model and a decoder layer prunes them (``language_layer``, ``language_score``)."""
     language_layer: ClassVar[int] = 1
-    """Language-stage methods: the decoder layer after which visual tokens are pruned."""
+    """Language-stage methods, and the second stage of two-stage families (LLaVA-NeXT, Qwen2-VL): the decoder
+    layer after which visual tokens are pruned."""
     language_score: ClassVar[str] = "attention"
-    """Language-stage methods: a score of :data:`flowcut.core.language_stage.SCORES`."""
+    """The score used there: one of :data:`flowcut.core.language_stage.SCORES`."""
 
     def tokens_per_image(self, keep: int, num_patches: int) -> int:
         """Visual tokens per image that reach the language model."""
@@ -102,6 +103,13 @@ def get_method(name: str) -> Method:
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(method_names())}")
     return _REGISTRY[name]
+
+
+def available_method(name: str, available: tuple[str, ...], model_name: str) -> Method:
+    """The method ``name`` where a model family offers only ``available`` ones; a clear error otherwise."""
+    if name not in available:
+        raise ValueError(f"method {name!r} is not available for {model_name}; available: {', '.join(available)}")
+    return get_method(name)
 
 
 # -- helpers shared by methods that read the unpruned feature layer --------------------------------

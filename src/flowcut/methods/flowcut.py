@@ -30,6 +30,8 @@ def stage_settings(config: FlowCutConfig, keep: int, feature_layer: int) -> Enco
 class FlowCut(Method):
     name = "flowcut"
     summary = "FlowCut (arXiv 2505.19536): progressive, entropy-adaptive pruning by cumulative CLS-view scores"
+    language_score = "flowcut"
+    """Two-stage families (LLaVA-NeXT, Qwen2-VL) finish in the language model with SPEC §3's score."""
 
     def run(self, call: EncoderCall) -> MethodOutput:
         settings = stage_settings(call.config, call.config.keep, call.feature_layer)
