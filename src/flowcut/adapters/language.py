@@ -43,8 +43,8 @@ class PromptLayout:
     """``(B,)``: each row's last real position."""
     input_ids: torch.Tensor
     """The prompt itself, to recognise a later uncached pass that continues it."""
-    images_key: Any = None
-    """A fingerprint of the pass's images (:func:`images_key`): a continuation must show the same images."""
+    images_key: tuple[torch.Tensor, ...] | None = None
+    """The pass's images (:func:`images_key`): a continuation must show the same images."""
 
 
 @dataclass
@@ -63,7 +63,7 @@ class PrunedPrompt:
     """The kept positions of that scored prompt (``positions`` grows when a pass continues it)."""
     filler: torch.Tensor | None = None
     """``(B, L')``: kept slots that only pad a shorter row and must not be attended to (None: no such slot)."""
-    images_key: Any = None
+    images_key: tuple[torch.Tensor, ...] | None = None
 
 
 def prompt_layout(
@@ -74,22 +74,26 @@ def prompt_layout(
     return PromptLayout(input_ids == image_token_id, visible, last_real_positions(visible), input_ids, images)
 
 
-def images_key(kwargs: dict[str, Any]) -> tuple | None:
-    """A fingerprint of the images a model pass brings (pixels, or features encoded before it).
+def images_key(kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
+    """The images a model pass brings (pixels, or the features encoded before it), kept by reference.
 
     Two prompts with the same token ids but different images of the same size must not share a
-    pruning decision; the fingerprint (shape, sum and position-weighted sum) tells them apart.
+    pruning decision; :func:`_same_images` compares them, only when a pass could continue a prompt.
     """
-    values = kwargs.get("pixel_values")
-    if values is None:
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        features = None if encoded is None else encoded.pooler_output
-        if features is None:
-            return None
-        values = torch.cat([feature.reshape(-1) for feature in features])
-    flat = values.detach().reshape(-1).double()
-    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=flat.dtype)
-    return tuple(values.shape), float(flat.sum()), float((flat * weights).sum())
+    pixels = kwargs.get("pixel_values")
+    if pixels is not None:
+        return (pixels.detach(),)
+    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+    features = None if encoded is None else encoded.pooler_output
+    return None if features is None else tuple(feature.detach() for feature in features)
+
+
+def _same_images(first: tuple[torch.Tensor, ...] | None, second: tuple[torch.Tensor, ...] | None) -> bool:
+    if first is None or second is None:
+        return first is second
+    return len(first) == len(second) and all(
+        a.shape == b.shape and torch.equal(a, b.to(a.device)) for a, b in zip(first, second, strict=True)
+    )
 
 
 def decoder_pruner(
@@ -164,10 +168,10 @@ class DecoderPruner:
         if (
             input_ids is not None
             and scored is not None
-            and layout.images_key == previous.images_key
             and input_ids.shape[0] == scored.shape[0]
             and input_ids.shape[1] > scored.shape[1]
             and torch.equal(input_ids[:, : scored.shape[1]], scored.to(input_ids.device))
+            and _same_images(layout.images_key, previous.images_key)
         ):
             base = previous.scored_positions
             added = torch.arange(scored.shape[1], input_ids.shape[1], device=base.device)
