@@ -284,29 +284,12 @@ def run_encoder_stage(
                     grid = None if values is None else _grid_values(values, positions[b], counts[b], unit_counts[b])
                     trace.scores[name].append(grid)
 
-        remaining = settings.last_prune_layer - index
-        if not is_prune_layer(remaining, settings.prune_interval):
-            if settings.time_scoring:
-                scoring_seconds += _clock(device) - scoring_started
-            continue
-        if settings.uniform_counts:
-            removed = [
-                uniform_prune_count(count, keep, remaining, settings.prune_interval)
-                for count, keep in zip(counts, keeps, strict=True)
-            ]
-        else:
-            removed = [prune_count(count, keeps[b], remaining, ratios[b]) for b, count in enumerate(counts)]
-        new_counts = [count - gone for count, gone in zip(counts, removed, strict=True)]
-        if new_counts == counts:
-            if settings.time_scoring:
-                scoring_seconds += _clock(device) - scoring_started
-            continue
-        kept_slots = [
-            select_kept(_eligible_scores(cumulative[b, :count], eligible[b], positions[b, :count]), new)
-            for b, (count, new) in enumerate(zip(counts, new_counts, strict=True))
-        ]
+        step = _prune_step(settings, index, counts, keeps, ratios, cumulative, eligible, positions)
         if settings.time_scoring:
             scoring_seconds += _clock(device) - scoring_started
+        if step is None:
+            continue
+        new_counts, kept_slots = step
         hidden_states, positions, cumulative = _compact(hidden_states, positions, cumulative, kept_slots, lead)
         for b, (trace, count, new) in enumerate(zip(traces, counts, new_counts, strict=True)):
             if new != count:
@@ -319,6 +302,37 @@ def run_encoder_stage(
         trace.kept_after_prune = [kept.cpu() for kept in trace.kept_after_prune]
     timing = scoring_seconds if settings.time_scoring else None
     return EncoderStageOutput(hidden_states=hidden_states, images=traces, counts=counts, scoring_seconds=timing)
+
+
+def _prune_step(
+    settings: EncoderStageSettings,
+    index: int,
+    counts: list[int],
+    keeps: list[int],
+    ratios: torch.Tensor,
+    cumulative: torch.Tensor,
+    eligible: list[torch.Tensor | None],
+    positions: torch.Tensor,
+) -> tuple[list[int], list[torch.Tensor]] | None:
+    """After layer ``index``: each image's new unit count and the slots it keeps, or None if nothing is pruned."""
+    remaining = settings.last_prune_layer - index
+    if not is_prune_layer(remaining, settings.prune_interval):
+        return None
+    if settings.uniform_counts:
+        removed = [
+            uniform_prune_count(count, keep, remaining, settings.prune_interval)
+            for count, keep in zip(counts, keeps, strict=True)
+        ]
+    else:
+        removed = [prune_count(count, keeps[b], remaining, ratios[b]) for b, count in enumerate(counts)]
+    new_counts = [count - gone for count, gone in zip(counts, removed, strict=True)]
+    if new_counts == counts:
+        return None
+    kept_slots = [
+        select_kept(_eligible_scores(cumulative[b, :count], eligible[b], positions[b, :count]), new)
+        for b, (count, new) in enumerate(zip(counts, new_counts, strict=True))
+    ]
+    return new_counts, kept_slots
 
 
 def _clock(device: torch.device) -> float:
