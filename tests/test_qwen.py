@@ -259,3 +259,22 @@ def test_left_and_right_padding_give_the_same_next_token(qwen):
             tokens.append(last_token_logits(logits, inputs["attention_mask"], kept).argmax(-1))
         processor.tokenizer.padding_side = "left"
     assert torch.equal(tokens[0], tokens[1])
+
+
+def test_two_models_in_one_process_keep_their_own_settings(qwen):
+    model, processor = qwen
+    version = "2.5" if "2_5" in type(model).__name__ else "2"
+    other, other_processor = build_tiny_qwen(version, seed=1)
+    first_processor = copy.deepcopy(processor)
+    with flowcut.apply(model, processor=first_processor, keep=8):
+        alone = answer(model, inputs_for(first_processor, [[WIDE]]))
+    with (
+        flowcut.apply(model, processor=first_processor, keep=8),
+        flowcut.apply(other, processor=other_processor, keep=4),
+    ):
+        first = inputs_for(first_processor, [[WIDE]])
+        second = inputs_for(other_processor, [[WIDE]])
+        assert (first["input_ids"] == model.config.image_token_id).sum() == 16
+        assert (second["input_ids"] == other.config.image_token_id).sum() == 8
+        answer(other, second)
+        assert torch.equal(answer(model, first), alone)
