@@ -9,10 +9,11 @@ import torch
 from flowcut.adapters.llava import LlavaFamily
 from flowcut.adapters.llava_next import LlavaNextFamily, LlavaOnevisionFamily
 from flowcut.adapters.qwen import QwenFamily
+from flowcut.adapters.video_llava import VideoLlavaFamily
 from flowcut.config import FlowCutConfig
 from flowcut.trace import PruningTrace
 
-FAMILIES = (LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, QwenFamily)
+FAMILIES = (LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, QwenFamily, VideoLlavaFamily)
 """Model-family adapters, tried in order against the model's class."""
 
 _HANDLE_ATTRIBUTE = "_flowcut_handle"

@@ -31,11 +31,16 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
     SiglipVisionConfig,
+    VideoLlavaConfig,
+    VideoLlavaForConditionalGeneration,
+    VideoLlavaProcessor,
 )
+from transformers.feature_extraction_utils import BatchFeature
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.video_utils import make_batched_videos
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 WORDS = (
@@ -51,6 +56,11 @@ CHAT_TEMPLATE = (
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
     "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'][0]['text'] }}</s>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+VIDEO_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{% if item['type'] == 'image' %}<image>\n",
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'video' %}<video>\n",
 )
 
 
@@ -216,14 +226,45 @@ def save_tiny_llava(directory: str | Path, seed: int = 0, **options: int | float
 QWEN_VERSIONS = ("2", "2.5")
 
 
+class FrameVideoProcessor:
+    """A video processor made of an image processor applied frame by frame: ``pixel_values_videos`` ``(B, F, C, H, W)``.
+
+    transformers' own video processors need torchvision, which has no CPU build on the project's
+    machines; tiny models use this stand-in. Real checkpoints bring their own video processor.
+    """
+
+    model_input_names = ("pixel_values_videos",)
+
+    def __init__(self, image_processor: object) -> None:
+        self.image_processor = image_processor
+
+    def __call__(self, videos: object, return_tensors: str | None = "pt", **kwargs: object) -> BatchFeature:
+        frames = [
+            self.image_processor(list(video), return_tensors="pt")["pixel_values"]
+            for video in make_batched_videos(videos)
+        ]
+        if len({tuple(video.shape) for video in frames}) > 1:
+            raise ValueError("the videos of one call must have the same number of frames and frame size")
+        return BatchFeature({"pixel_values_videos": torch.stack(frames)}, tensor_type=return_tensors)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"video_processor_type": type(self).__name__}
+
+
 def _image_only(processor_class: type) -> type:
-    """``processor_class`` without a video processor (transformers' video processors need torchvision)."""
+    """``processor_class`` without a torchvision video processor: none, or the :class:`FrameVideoProcessor` stand-in."""
 
     class ImageOnlyProcessor(processor_class):
         def check_argument_for_proper_class(self, argument_name: str, argument: object) -> object:
-            if argument_name == "video_processor" and argument is None:
-                return None
+            if argument_name == "video_processor" and (argument is None or isinstance(argument, FrameVideoProcessor)):
+                return type(argument)
             return super().check_argument_for_proper_class(argument_name, argument)
+
+        def to_dict(self) -> dict[str, object]:
+            output = super().to_dict()
+            if isinstance(output.get("video_processor"), FrameVideoProcessor):
+                output["video_processor"] = output["video_processor"].to_dict()
+            return output
 
     ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = processor_class.__name__
     return ImageOnlyProcessor
@@ -419,4 +460,49 @@ def build_tiny_llava_onevision(
         pad_token_id=tokenizer.pad_token_id,
     )
     model = _seeded_model(LlavaOnevisionForConditionalGeneration, config, seed, attn_implementation, tokenizer, dtype)
+    return model, processor
+
+
+def build_tiny_video_llava(
+    seed: int = 0,
+    image_size: int = 84,
+    patch_size: int = 7,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    **config_options: int | float,
+) -> tuple[VideoLlavaForConditionalGeneration, VideoLlavaProcessor]:
+    """A random tiny Video-LLaVA (separate CLIP image and video towers) and its processor.
+
+    The processor's video side is the :class:`FrameVideoProcessor` stand-in (frames as images).
+    """
+    tokenizer = build_tokenizer(special_tokens=["<video>"])
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = _image_only(VideoLlavaProcessor)(
+        image_processor=image_processor,
+        video_processor=FrameVideoProcessor(image_processor),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=VIDEO_CHAT_TEMPLATE,
+    )
+    llava = tiny_llava_config(
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        image_size=image_size,
+        patch_size=patch_size,
+        **config_options,
+    )
+    config = VideoLlavaConfig(
+        vision_config=llava.vision_config,
+        text_config=llava.text_config,
+        image_token_index=llava.image_token_id,
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    model = _seeded_model(VideoLlavaForConditionalGeneration, config, seed, attn_implementation, tokenizer, dtype)
     return model, processor

@@ -29,6 +29,10 @@ class PruningTrace:
     """With ``time_scoring``: milliseconds FlowCut's encoder stage spent scoring and selecting."""
     image_grids: list[tuple[int, int]] | None = None
     """Per image, its grid (rows, columns) when images differ in size (Qwen2-VL: the merged grid)."""
+    videos: list[list[ImageTrace]] | None = None
+    """Per video of the pass, per frame: what the encoder stage kept (frames as images of ``grid_size``)."""
+    video_keep: int | float | None = None
+    """The budget per video (a ratio where the configuration gave one)."""
 
     @property
     def num_patches(self) -> int:

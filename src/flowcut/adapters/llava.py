@@ -57,7 +57,12 @@ def check_select_strategy(strategy: Any) -> None:
 class LlavaFamily:
     """Installs FlowCut on one ``LlavaForConditionalGeneration`` instance and removes it again."""
 
-    model_classes = (LlavaForConditionalGeneration,)
+    model_classes: tuple[type, ...] = (LlavaForConditionalGeneration,)
+    image_tower_name = "vision_tower"
+    family_name = "LLaVA"
+    pooled_as_list = True
+    """How the model's ``get_image_features`` returns the projected features: a list per image, or one tensor."""
+    """Attribute of the inner model that holds the CLIP tower encoding images."""
 
     def __init__(
         self, model: LlavaForConditionalGeneration, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]
@@ -65,7 +70,7 @@ class LlavaFamily:
         self.model = model
         self.on_trace = on_trace
         self.base = model.model
-        self.encoder = ClipEncoderAdapter(self.base.vision_tower)
+        self.encoder = ClipEncoderAdapter(getattr(self.base, self.image_tower_name))
         # Every image has the same patch count, so a ratio is one token budget for all of them.
         self.config = replace(config, keep=tokens_to_keep(config.keep, self.encoder.num_patches))
         model_config = model.config
@@ -191,9 +196,8 @@ class LlavaFamily:
         if selected.scoring_seconds is not None:
             trace.scoring_ms = 1000 * selected.scoring_seconds
         self.on_trace(trace)
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=selected.hidden_states, pooler_output=list(selected.features)
-        )
+        pooled = list(selected.features) if self.pooled_as_list else selected.features
+        output = BaseModelOutputWithPooling(last_hidden_state=selected.hidden_states, pooler_output=pooled)
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
     def _stock_image_trace(self, kept_indices: torch.Tensor) -> ImageTrace:
@@ -241,15 +245,15 @@ class LlavaFamily:
 
     def patch_processor(self, processor: Any) -> None:
         """Make ``processor`` emit ``keep`` image placeholders per image (instance-level, reversible)."""
+        adapt_processor(processor, self.image_token_id, self.family_name, self._image_placeholders)
 
-        def placeholders(stock_count: int, image_size: Any) -> int:
-            if stock_count != self.stock_tokens_per_image:
-                raise ValueError(
-                    f"the processor makes {stock_count} image tokens per image but the vision tower has "
-                    f"{self.stock_tokens_per_image} patches: processor and model do not match"
-                )
-            return self.input_tokens_per_image
-
-        adapt_processor(processor, self.image_token_id, "LLaVA", placeholders)
+    def _image_placeholders(self, stock_count: int, image_size: Any) -> int:
+        """Image placeholders for an image the processor would give ``stock_count``."""
+        if stock_count != self.stock_tokens_per_image:
+            raise ValueError(
+                f"the processor makes {stock_count} image tokens per image but the vision tower has "
+                f"{self.stock_tokens_per_image} patches: processor and model do not match"
+            )
+        return self.input_tokens_per_image
 
     unpatch_processor = staticmethod(restore_processor)

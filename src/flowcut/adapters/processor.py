@@ -12,10 +12,18 @@ from collections.abc import Callable
 from typing import Any
 
 
-def adapt_processor(processor: Any, image_token_id: int, family: str, placeholders: Callable[[int, Any], int]) -> None:
+def adapt_processor(
+    processor: Any,
+    image_token_id: int,
+    family: str,
+    placeholders: Callable[[int, Any], int],
+    video_placeholders: Callable[[int, int], int] | None = None,
+) -> None:
     """Make ``processor`` write ``placeholders(n, size)`` image tokens for an image of ``size`` it would give ``n``.
 
     ``size`` is the image's original (height, width) where the processor reports it, else None.
+    ``video_placeholders(n, frames)``, where given, likewise counts the video tokens of a video of
+    ``frames`` frames for which the processor would write ``n``.
     """
     if not hasattr(processor, "replace_image_token") or getattr(processor, "image_token", None) is None:
         raise TypeError(f"expected a {family} processor with an image token, got {type(processor).__name__}")
@@ -29,7 +37,7 @@ def adapt_processor(processor: Any, image_token_id: int, family: str, placeholde
             "processor instance (copy.deepcopy(processor))"
         )
     stock_replace = processor.replace_image_token
-    stock_counts = processor._get_num_multimodal_tokens
+    stock_counts = getattr(processor, "_get_num_multimodal_tokens", None)
 
     def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         """The image's pruned placeholder run (installed by flowcut.apply on this processor)."""
@@ -50,7 +58,25 @@ def adapt_processor(processor: Any, image_token_id: int, family: str, placeholde
         return data
 
     processor.replace_image_token = replace_image_token
-    processor._get_num_multimodal_tokens = get_num_multimodal_tokens
+    if stock_counts is not None:
+        processor._get_num_multimodal_tokens = get_num_multimodal_tokens
+    if video_placeholders is not None:
+        _adapt_video_tokens(processor, video_placeholders)
+
+
+def _adapt_video_tokens(processor: Any, video_placeholders: Callable[[int, int], int]) -> None:
+    """Make ``processor`` write ``video_placeholders(n, frames)`` video tokens where it would write ``n``."""
+    if getattr(processor, "video_token", None) is None or not hasattr(processor, "replace_video_token"):
+        raise TypeError(f"expected a processor with a video token, got {type(processor).__name__}")
+    stock_replace = processor.replace_video_token
+
+    def replace_video_token(video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
+        """The video's pruned placeholder run (installed by flowcut.apply on this processor)."""
+        stock = stock_replace(video_inputs, video_idx=video_idx, **kwargs).count(processor.video_token)
+        frames = len(video_inputs["pixel_values_videos"][video_idx])
+        return processor.video_token * video_placeholders(stock, frames)
+
+    processor.replace_video_token = replace_video_token
 
 
 def check_placeholder_count(placeholders: int, expected: int, stock: int, images: int | None = None) -> None:
@@ -74,5 +100,5 @@ def check_placeholder_count(placeholders: int, expected: int, stock: int, images
 
 def restore_processor(processor: Any) -> None:
     """Undo :func:`adapt_processor`."""
-    processor.__dict__.pop("replace_image_token", None)
-    processor.__dict__.pop("_get_num_multimodal_tokens", None)
+    for name in ("replace_image_token", "_get_num_multimodal_tokens", "replace_video_token"):
+        processor.__dict__.pop(name, None)
