@@ -225,13 +225,6 @@ def test_clear_errors(qwen):
         flowcut.apply(model, keep=1.5)
 
 
-def test_video_inputs_are_refused(qwen):
-    model, processor = qwen
-    inputs = inputs_for(processor, [[WIDE]])
-    with flowcut.apply(model, keep=8), pytest.raises(ValueError, match="video inputs are not supported yet"):
-        model(input_ids=inputs["input_ids"], pixel_values_videos=torch.zeros(1, 96), video_grid_thw=torch.ones(1, 3))
-
-
 @pytest.mark.parametrize("version", VERSIONS)
 def test_eager_and_sdpa_keep_the_same_cells(version):
     kept = []

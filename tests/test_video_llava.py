@@ -44,7 +44,7 @@ def test_frame_budgets_split_the_remainder_over_the_first_frames():
     assert frame_budgets(256, 8, 256) == [32] * 8
     assert frame_budgets(260, 8, 256) == [33, 33, 33, 33, 32, 32, 32, 32]
     assert frame_budgets(10, 4, 2) == [2, 2, 2, 2]  # no frame gets more than it has
-    with pytest.raises(ValueError, match="less than one token per frame"):
+    with pytest.raises(ValueError, match="less than one token for each"):
         frame_budgets(3, 4, 144)
 
 
@@ -196,7 +196,7 @@ def test_errors(tiny_video):
     flowcut.get_handle(model).remove()
 
     flowcut.apply(model, processor=processor, keep=3)
-    with pytest.raises(ValueError, match="keep=3 is less than one token per frame for a video of 4 frames"):
+    with pytest.raises(ValueError, match="keep=3 is less than one token for each of the video's 4 frames"):
         processor(text=[VIDEO_PROMPT], videos=[make_video(0)], return_tensors="pt")
     flowcut.get_handle(model).remove()
 

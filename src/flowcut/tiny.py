@@ -40,7 +40,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.video_utils import make_batched_videos
+from transformers.video_utils import VideoMetadata, make_batched_videos
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 WORDS = (
@@ -68,6 +68,7 @@ QWEN_SPECIAL_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
     "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'][0]['text'] }}</s>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
@@ -251,6 +252,41 @@ class FrameVideoProcessor:
         return {"video_processor_type": type(self).__name__}
 
 
+class QwenFrameVideoProcessor(FrameVideoProcessor):
+    """Qwen2-VL's video layout from its image processor (a stand-in, as :class:`FrameVideoProcessor`).
+
+    Frames are resized and normalised as images; temporal patch ``j`` takes frame
+    ``temporal_patch_size · j + k`` in its temporal slot ``k``, as Qwen2-VL's video processor lays
+    them out (a video with a frame count that is not a multiple repeats its last frame).
+    """
+
+    def __init__(self, image_processor: object, fps: float = 2.0) -> None:
+        super().__init__(image_processor)
+        self.merge_size = image_processor.merge_size
+        self.temporal_patch_size = image_processor.temporal_patch_size
+        self.patch_size = image_processor.patch_size
+        self.fps = fps
+
+    def __call__(self, videos: object, return_tensors: str | None = "pt", **kwargs: object) -> BatchFeature:
+        slots, side = self.temporal_patch_size, self.patch_size
+        patches, grids, metadata = [], [], []
+        for video in make_batched_videos(videos):
+            frames = list(video)
+            frames += frames[-1:] * (-len(frames) % slots)
+            processed = self.image_processor(frames, return_tensors="pt")
+            _, rows, columns = processed["image_grid_thw"][0].tolist()
+            # Each frame's patches hold the frame in every temporal slot: (t, slots, n, C, slots, p, p).
+            per_frame = processed["pixel_values"].view(
+                len(frames) // slots, slots, rows * columns, -1, slots, side, side
+            )
+            temporal = torch.stack([per_frame[:, k, :, :, k] for k in range(slots)], dim=3)
+            patches.append(temporal.reshape(-1, temporal[0, 0].numel()))
+            grids.append([len(frames) // slots, rows, columns])
+            metadata.append(VideoMetadata(total_num_frames=len(frames), fps=self.fps))
+        data = {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids)}
+        return BatchFeature({**data, "video_metadata": metadata}, tensor_type=return_tensors)
+
+
 def _image_only(processor_class: type) -> type:
     """``processor_class`` without a torchvision video processor: none, or the :class:`FrameVideoProcessor` stand-in."""
 
@@ -349,7 +385,10 @@ def build_tiny_qwen(
         model_class, processor_class = Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     model = _seeded_model(model_class, config, seed, attn_implementation, tokenizer, dtype)
     processor = _image_only(processor_class)(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=QwenFrameVideoProcessor(image_processor),
+        chat_template=QWEN_CHAT_TEMPLATE,
     )
     return model, processor
 

@@ -33,6 +33,8 @@ class PruningTrace:
     """Per video of the pass, per frame: what the encoder stage kept (frames as images of ``grid_size``)."""
     video_keep: int | float | None = None
     """The budget per video (a ratio where the configuration gave one)."""
+    video_tokens: list[tuple[int, int, int]] | None = None
+    """Two-stage model families: per video, as ``image_tokens`` for images."""
 
     @property
     def num_patches(self) -> int:

@@ -67,11 +67,20 @@ class PrunedPrompt:
 
 
 def prompt_layout(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int, images: Any = None
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    visual: int | torch.Tensor,
+    images: Any = None,
 ) -> PromptLayout:
-    """The layout of a prompt batch (left or right padding); ``images``: the pass's :func:`images_key`."""
+    """The layout of a prompt batch (left or right padding); ``images``: the pass's :func:`images_key`.
+
+    ``visual``: the image placeholder token id, or a ``(B, L)`` mask of the visual tokens (where the
+    processor marks them, as Qwen2-VL's ``mm_token_type_ids`` do; a generated token that happens to be
+    a placeholder id is then text, as in the stock model).
+    """
     visible = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    return PromptLayout(input_ids == image_token_id, visible, last_real_positions(visible), input_ids, images)
+    visual = input_ids == visual if isinstance(visual, int) else visual.bool() & visible
+    return PromptLayout(visual, visible, last_real_positions(visible), input_ids, images)
 
 
 def images_key(kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
@@ -80,12 +89,15 @@ def images_key(kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
     Two prompts with the same token ids but different images of the same size must not share a
     pruning decision; :func:`_same_images` compares them, only when a pass could continue a prompt.
     """
-    pixels = kwargs.get("pixel_values")
-    if pixels is not None:
-        return (pixels.detach(),)
-    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-    features = None if encoded is None else encoded.pooler_output
-    return None if features is None else tuple(feature.detach() for feature in features)
+    key: list[torch.Tensor] = []
+    for pixels_name, kind in (("pixel_values", "image"), ("pixel_values_videos", "video")):
+        pixels = kwargs.get(pixels_name)
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get(kind)
+        if pixels is not None:
+            key.append(pixels.detach())
+        elif encoded is not None and encoded.pooler_output is not None:
+            key.extend(feature.detach() for feature in encoded.pooler_output)
+    return tuple(key) if key else None
 
 
 def _same_images(first: tuple[torch.Tensor, ...] | None, second: tuple[torch.Tensor, ...] | None) -> bool:

@@ -17,13 +17,13 @@ def adapt_processor(
     image_token_id: int,
     family: str,
     placeholders: Callable[[int, Any], int],
-    video_placeholders: Callable[[int, int], int] | None = None,
+    video_placeholders: Callable[[int, dict, int], int] | None = None,
 ) -> None:
     """Make ``processor`` write ``placeholders(n, size)`` image tokens for an image of ``size`` it would give ``n``.
 
     ``size`` is the image's original (height, width) where the processor reports it, else None.
-    ``video_placeholders(n, frames)``, where given, likewise counts the video tokens of a video of
-    ``frames`` frames for which the processor would write ``n``.
+    ``video_placeholders(n, video_inputs, index)``, where given, likewise counts the video tokens of
+    video ``index`` of the processed ``video_inputs`` for which the processor would write ``n``.
     """
     if not hasattr(processor, "replace_image_token") or getattr(processor, "image_token", None) is None:
         raise TypeError(f"expected a {family} processor with an image token, got {type(processor).__name__}")
@@ -64,8 +64,8 @@ def adapt_processor(
         _adapt_video_tokens(processor, video_placeholders)
 
 
-def _adapt_video_tokens(processor: Any, video_placeholders: Callable[[int, int], int]) -> None:
-    """Make ``processor`` write ``video_placeholders(n, frames)`` video tokens where it would write ``n``."""
+def _adapt_video_tokens(processor: Any, video_placeholders: Callable[[int, dict, int], int]) -> None:
+    """Make ``processor`` write ``video_placeholders(n, video_inputs, index)`` video tokens instead of ``n``."""
     if getattr(processor, "video_token", None) is None or not hasattr(processor, "replace_video_token"):
         raise TypeError(f"expected a processor with a video token, got {type(processor).__name__}")
     stock_replace = processor.replace_video_token
@@ -73,13 +73,14 @@ def _adapt_video_tokens(processor: Any, video_placeholders: Callable[[int, int],
     def replace_video_token(video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
         """The video's pruned placeholder run (installed by flowcut.apply on this processor)."""
         stock = stock_replace(video_inputs, video_idx=video_idx, **kwargs).count(processor.video_token)
-        frames = len(video_inputs["pixel_values_videos"][video_idx])
-        return processor.video_token * video_placeholders(stock, frames)
+        return processor.video_token * video_placeholders(stock, video_inputs, video_idx)
 
     processor.replace_video_token = replace_video_token
 
 
-def check_placeholder_count(placeholders: int, expected: int, stock: int, images: int | None = None) -> None:
+def check_placeholder_count(
+    placeholders: int, expected: int, stock: int, images: int | None = None, kind: str = "image"
+) -> None:
     """Explain a prompt built for the unpruned model before the model's own placeholder check fails.
 
     ``expected`` and ``stock`` are the prompt's image tokens with and without pruning; ``images``,
@@ -88,11 +89,11 @@ def check_placeholder_count(placeholders: int, expected: int, stock: int, images
     if placeholders == expected or placeholders != stock:
         return
     if images:
-        stock, expected, per = stock // images, expected // images, "per image"
+        stock, expected, per = stock // images, expected // images, f"per {kind}"
     else:
-        per = "for its images"
+        per = f"for its {kind}s"
     raise ValueError(
-        f"the prompt holds {stock} image tokens {per}, but this model keeps {expected}: build inputs with the "
+        f"the prompt holds {stock} {kind} tokens {per}, but this model keeps {expected}: build inputs with the "
         "processor passed to flowcut.apply(model, processor=processor, keep=...), which shrinks the "
         "placeholders to match"
     )

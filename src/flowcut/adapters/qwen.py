@@ -32,9 +32,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from flowcut.adapters.language import DecoderPruner, decoder_pruner, images_key, prompt_layout
 from flowcut.adapters.processor import adapt_processor, check_placeholder_count, restore_processor
 from flowcut.adapters.qwen_vision import QwenVisionAdapter
-from flowcut.config import FlowCutConfig, tokens_to_keep
+from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace, run_encoder_stage
-from flowcut.core.language_stage import sequential_budgets
+from flowcut.core.language_stage import media_budgets
 from flowcut.methods import available_method
 from flowcut.methods.flowcut import stage_settings
 from flowcut.trace import PruningTrace
@@ -42,20 +42,54 @@ from flowcut.trace import PruningTrace
 METHODS = ("flowcut", "fastv", "none")
 """Methods available for Qwen models (the others are defined on a CLS-token encoder)."""
 
+IMAGE, VIDEO = 1, 2
+"""The processor's ``mm_token_type_ids`` of image and video placeholders."""
+
+
+@dataclass
+class _Media:
+    """One image or video of a pass: its grid, budget, placeholder counts and, once encoded, its kept cells."""
+
+    slices: int
+    """Temporal patches: 1 for an image; for a video, its frames taken ``temporal_patch_size`` at a time."""
+    grid: tuple[int, int]
+    """Merged grid (rows, columns) of one slice."""
+    budget: int
+    """``T``: the item's tokens that the language model's later layers see."""
+    slice_placeholders: list[int]
+    """Per slice, the tokens entering the language model (after the encoder stage)."""
+    kept_units: torch.Tensor | None = None
+    """Cells the encoder kept, slice-major over ``slices × grid``; None where the encoder did not prune."""
+    encoder_slices: list[ImageTrace] | None = None
+    """Per slice, the encoder stage's trace (None where the encoder did not prune)."""
+
+    @property
+    def cells_per_slice(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def cells(self) -> int:
+        """Tokens of the item in the unpruned model."""
+        return self.slices * self.cells_per_slice
+
+    @property
+    def placeholders(self) -> int:
+        """Tokens of the item entering the language model."""
+        return sum(self.slice_placeholders)
+
 
 @dataclass
 class _Prompt:
-    """The images of the prompt being processed: their unit grids, budgets and kept units."""
+    """The media of the pass being processed, each kind in batch order."""
 
-    grid_thw: torch.Tensor
-    grids: list[tuple[int, int]]
-    budgets: list[int]
-    """``T`` per image: tokens that the language model's later layers see."""
-    placeholders: list[int]
-    """Tokens per image entering the language model (after the encoder stage)."""
-    kept_units: list[torch.Tensor] | None = None
-    """Per image, the merged-grid indices the encoder kept (None: not encoded yet)."""
-    encoder_images: list[ImageTrace] | None = None
+    images: list[_Media]
+    videos: list[_Media]
+    image_grid_thw: torch.Tensor | None
+    video_grid_thw: torch.Tensor | None
+
+    @property
+    def media(self) -> list[_Media]:
+        return self.images + self.videos
 
 
 class QwenFamily:
@@ -71,7 +105,12 @@ class QwenFamily:
         self.base = model.model
         self.encoder = QwenVisionAdapter(self.base.visual)
         self.image_token_id = model.config.image_token_id
+        self.video_token_id = model.config.video_token_id
         self.prompt: _Prompt | None = None
+        self._encoded: dict[str, tuple[torch.Tensor, list[_Media]]] = {}
+        """Per kind, the grids and media the last ``get_*_features`` call encoded (``generate`` encodes first)."""
+        self._prompt_ids: torch.Tensor | None = None
+        self._media_order: list[tuple[int, int]] = []
         self._hook = None
         self.pruner: DecoderPruner | None = None
         if self.method.prunes:
@@ -85,30 +124,43 @@ class QwenFamily:
 
     @property
     def tokens_per_image(self) -> int | float:
-        """The budget per image: a token count, or the configured ratio of each image's tokens."""
+        """The budget per image or video: a token count, or the configured ratio of each item's tokens."""
         return self.config.keep
 
     # -- budgets ------------------------------------------------------------------------------
 
     def budget(self, units: int) -> int:
-        """``T``: tokens of an image with ``units`` merged tokens that the later decoder layers see."""
+        """``T``: tokens of an item with ``units`` merged tokens that the later decoder layers see."""
         return tokens_to_keep(self.config.keep, units) if self.method.prunes else units
 
-    def placeholders(self, units: int) -> int:
-        """Tokens of an image with ``units`` merged tokens that enter the language model."""
-        if self.config.method != "flowcut":
-            return units
-        return min(units, 2 * self.budget(units))
+    def _slice_placeholders(self, slices: int, per_slice: int) -> tuple[int, list[int]]:
+        """An item's budget ``T`` and, per slice, its tokens entering the language model.
 
-    def _plan(self, image_grid_thw: torch.Tensor) -> _Prompt:
-        grids = self.encoder.unit_grids(image_grid_thw, self.encoder.merge_size)
-        units = [rows * columns for rows, columns in grids]
-        return _Prompt(image_grid_thw, grids, [self.budget(n) for n in units], [self.placeholders(n) for n in units])
+        The encoder stage keeps ``min(n, 2T)`` per image (SPEC §4); a video's ``T`` is first split over
+        its temporal slices (:func:`flowcut.config.frame_budgets`), and each slice keeps twice its share.
+        """
+        budget = self.budget(slices * per_slice)
+        if self.config.method != "flowcut":
+            return budget, [per_slice] * slices
+        return budget, [
+            min(per_slice, 2 * share) for share in frame_budgets(budget, slices, per_slice, "temporal patches")
+        ]
+
+    def _media(self, grid_thw: torch.Tensor | None) -> list[_Media]:
+        """The items of one kind, from their ``grid_thw``."""
+        if grid_thw is None:
+            return []
+        items = []
+        for slices, height, width in grid_thw.tolist():
+            grid = (height // self.encoder.merge_size, width // self.encoder.merge_size)
+            budget, placeholders = self._slice_placeholders(slices, grid[0] * grid[1])
+            items.append(_Media(slices, grid, budget, placeholders))
+        return items
 
     # -- model side -------------------------------------------------------------------------
 
     def install(self) -> None:
-        """Route this instance's image features and positions through FlowCut."""
+        """Route this instance's image and video features and its positions through FlowCut."""
         family = self
         stock_rope_index = type(self.base).get_rope_index.__get__(self.base)
 
@@ -116,7 +168,13 @@ class QwenFamily:
             pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs: Any
         ) -> BaseModelOutputWithPooling | tuple:
             """Image features pruned by FlowCut's encoder stage (installed by flowcut.apply on this instance)."""
-            return family.image_features(pixel_values, image_grid_thw, **kwargs)
+            return family.encode("image", pixel_values, image_grid_thw, **kwargs)
+
+        def get_video_features(
+            pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None = None, **kwargs: Any
+        ) -> BaseModelOutputWithPooling | tuple:
+            """Video features pruned by FlowCut's encoder stage (installed by flowcut.apply on this instance)."""
+            return family.encode("video", pixel_values_videos, video_grid_thw, **kwargs)
 
         def get_rope_index(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
             """M-RoPE positions of a pruned prompt: the unpruned positions of the tokens that remain."""
@@ -124,6 +182,7 @@ class QwenFamily:
 
         self._stock_rope_index = stock_rope_index
         self.base.get_image_features = get_image_features
+        self.base.get_video_features = get_video_features
         self.base.get_rope_index = get_rope_index
         self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         if self.pruner is not None:
@@ -131,36 +190,52 @@ class QwenFamily:
 
     def uninstall(self) -> None:
         """Restore the instance exactly as it was before :meth:`install`."""
-        self.base.__dict__.pop("get_image_features", None)
-        self.base.__dict__.pop("get_rope_index", None)
+        for name in ("get_image_features", "get_video_features", "get_rope_index"):
+            self.base.__dict__.pop(name, None)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         if self.pruner is not None:
             self.pruner.remove()
         self.prompt = None
+        self._encoded = {}
 
-    def image_features(
-        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None, **kwargs: Any
+    def encode(
+        self, kind: str, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None, **kwargs: Any
     ) -> BaseModelOutputWithPooling | tuple:
-        """FlowCut's replacement for ``get_image_features``: each image's kept merge groups, merged."""
-        if image_grid_thw is None:
-            raise ValueError("FlowCut's Qwen encoder stage needs image_grid_thw (the processor returns it)")
-        prompt = self._plan(image_grid_thw)
-        units = [rows * columns for rows, columns in prompt.grids]
-        if prompt.placeholders == units:
-            # No image is over its encoder budget: the stock tower, bit for bit.
-            self.prompt = prompt
-            return type(self.base).get_image_features(self.base, pixel_values, image_grid_thw, **kwargs)
+        """FlowCut's replacement for ``get_image_features`` / ``get_video_features``: each item's kept groups, merged.
+
+        A video's temporal slices are encoded as images of one slice each: the tower attends within a
+        slice only (its ``cu_seqlens``), and its rotary angles and Qwen2.5-VL windows repeat per slice,
+        so this is the stock computation, slice by slice.
+        """
+        if grid_thw is None:
+            raise ValueError(f"FlowCut's Qwen encoder stage needs {kind}_grid_thw (the processor returns it)")
+        items = self._media(grid_thw)
+        self._encoded[kind] = (grid_thw, items)
+        if all(item.placeholders == item.cells for item in items):
+            # No item is over its encoder budget: the stock tower, bit for bit.
+            stock = getattr(type(self.base), f"get_{kind}_features")
+            return stock(self.base, pixel_values, grid_thw, **kwargs)
+        slice_grid_thw = grid_thw.repeat_interleave(grid_thw[:, 0], dim=0)
+        slice_grid_thw[:, 0] = 1
+        counts = [item.cells_per_slice for item in items for _ in range(item.slices)]
+        keeps = [count for item in items for count in item.slice_placeholders]
         # The merger reads the last block's output: every block runs, the last before it prunes last.
-        settings = stage_settings(self.config, max(prompt.placeholders), self.encoder.num_layers - 1)
-        with self.encoder.session(image_grid_thw):
-            stage = run_encoder_stage(self.encoder, pixel_values, settings, units, prompt.placeholders)
+        settings = stage_settings(self.config, max(keeps), self.encoder.num_layers - 1)
+        with self.encoder.session(slice_grid_thw):
+            stage = run_encoder_stage(self.encoder, pixel_values, settings, counts, keeps)
             features = self.encoder.merge(stage.hidden_states, stage.counts)
-        prompt.kept_units = [image.kept_indices for image in stage.images]
-        prompt.encoder_images = stage.images
-        self.prompt = prompt
-        output = BaseModelOutputWithPooling(last_hidden_state=stage.hidden_states, pooler_output=tuple(features))
+        pooled, first = [], 0
+        for item in items:
+            slices = range(first, first + item.slices)
+            item.encoder_slices = [stage.images[index] for index in slices]
+            item.kept_units = torch.cat(
+                [stage.images[index].kept_indices + k * item.cells_per_slice for k, index in enumerate(slices)]
+            )
+            pooled.append(torch.cat([features[index] for index in slices]))
+            first += item.slices
+        output = BaseModelOutputWithPooling(last_hidden_state=stage.hidden_states, pooler_output=tuple(pooled))
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
     def rope_index(
@@ -169,59 +244,76 @@ class QwenFamily:
         input_ids: torch.Tensor,
         mm_token_type_ids: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
         *args: Any,
         attention_mask: torch.Tensor | None = None,
-        kept_units: list[torch.Tensor] | None = None,
+        kept_units: dict[int, list[torch.Tensor | None]] | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``get_rope_index`` for prompts whose images hold fewer placeholders than grid cells.
+        """``get_rope_index`` for prompts whose images and videos hold fewer placeholders than grid cells.
 
         The prompt is expanded back to the unpruned layout, the stock function computes the
         positions, and each remaining token takes its own: a kept visual token the position of its
-        grid cell (``kept_units``; before the encoder has run, the first cells stand in), every other
-        token its unpruned position. The deltas are shifted so new tokens continue the unpruned prompt.
+        cell (``kept_units`` per token type; before the encoder has run, the first cells stand in),
+        every other token its unpruned position. The deltas are shifted so new tokens continue the
+        unpruned prompt.
         """
-        if image_grid_thw is None or mm_token_type_ids is None:
-            return stock(input_ids, mm_token_type_ids, image_grid_thw, *args, attention_mask=attention_mask, **kwargs)
-        prompt = self._plan(image_grid_thw)
-        self._check_placeholders(input_ids, prompt)
-        units = [rows * columns for rows, columns in prompt.grids]
+        if mm_token_type_ids is None or (image_grid_thw is None and video_grid_thw is None):
+            return stock(
+                input_ids,
+                mm_token_type_ids,
+                image_grid_thw,
+                video_grid_thw,
+                *args,
+                attention_mask=attention_mask,
+                **kwargs,
+            )
+        media = {IMAGE: self._media(image_grid_thw), VIDEO: self._media(video_grid_thw)}
+        self._check_placeholders(input_ids, media[IMAGE], media[VIDEO])
+        token_ids = {IMAGE: self.image_token_id, VIDEO: self.video_token_id}
         visible = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        image = ((mm_token_type_ids == 1) & visible).tolist()
+        types = mm_token_type_ids.masked_fill(~visible, 0).tolist()
         expanded, sources, extra = [], [], []
-        next_image = 0
+        taken = {IMAGE: 0, VIDEO: 0}
         for b in range(input_ids.shape[0]):
             row_ids, row_types, row_visible = [], [], []
             source = torch.zeros(input_ids.shape[1], dtype=torch.long)
             added, position = 0, 0
             while position < input_ids.shape[1]:
-                if not image[b][position]:
+                kind = types[b][position]
+                if kind not in media:
                     source[position] = len(row_ids)
                     row_ids.append(int(input_ids[b, position]))
                     row_types.append(int(mm_token_type_ids[b, position]))
                     row_visible.append(bool(visible[b, position]))
                     position += 1
                     continue
-                if next_image >= len(units):
-                    raise ValueError(f"the prompts hold image placeholders for more than the {len(units)} images given")
-                count, cells = prompt.placeholders[next_image], units[next_image]
-                if not all(image[b][position : position + count]) or len(image[b][position : position + count]) < count:
-                    raise ValueError(f"image {next_image} needs a run of {count} image placeholders in its prompt")
-                chosen = torch.arange(count) if kept_units is None else kept_units[next_image].cpu().long()
+                name = "image" if kind == IMAGE else "video"
+                index = taken[kind]
+                if index >= len(media[kind]):
+                    raise ValueError(f"the prompts hold {name} placeholders for more than the {len(media[kind])} given")
+                item = media[kind][index]
+                count, cells = item.placeholders, item.cells
+                if types[b][position : position + count] != [kind] * count:
+                    raise ValueError(f"{name} {index} needs a run of {count} {name} placeholders in its prompt")
+                chosen = None if kept_units is None else kept_units[kind][index]
+                chosen = torch.arange(count) if chosen is None else chosen.cpu().long()
                 source[position : position + count] = len(row_ids) + chosen
-                row_ids.extend([self.image_token_id] * cells)
-                row_types.extend([1] * cells)
+                row_ids.extend([token_ids[kind]] * cells)
+                row_types.extend([kind] * cells)
                 row_visible.extend([True] * cells)
                 added += cells - count
                 position += count
-                next_image += 1
+                taken[kind] += 1
             expanded.append((row_ids, row_types, row_visible))
             sources.append(source)
             extra.append(added)
-        if next_image != len(units):
-            raise ValueError(
-                f"the prompts hold image placeholders for {next_image} images, but {len(units)} images were given"
-            )
+        for kind, items in media.items():
+            if taken[kind] != len(items):
+                name = "image" if kind == IMAGE else "video"
+                raise ValueError(
+                    f"the prompts hold {name} placeholders for {taken[kind]} {name}s, but {len(items)} were given"
+                )
         width = max(len(row[0]) for row in expanded)
         device = input_ids.device
 
@@ -231,54 +323,74 @@ class QwenFamily:
         full_ids = padded([row[0] for row in expanded], 0, input_ids.dtype)
         full_types = padded([row[1] for row in expanded], 0, mm_token_type_ids.dtype)
         full_visible = padded([row[2] for row in expanded], False, torch.long)
-        positions, deltas = stock(full_ids, full_types, image_grid_thw, *args, attention_mask=full_visible, **kwargs)
+        positions, deltas = stock(
+            full_ids, full_types, image_grid_thw, video_grid_thw, *args, attention_mask=full_visible, **kwargs
+        )
         source = torch.stack(sources).to(device)
         gathered = positions.gather(2, source[None].expand(positions.shape[0], -1, -1))
         gathered = gathered.masked_fill(~visible[None], 0)
         return gathered, deltas + torch.tensor(extra, device=deltas.device, dtype=deltas.dtype)[:, None]
 
-    def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-        """Encode the images first (so their kept cells are known), fix the positions, prepare the pruner.
+    def _pass_media(self, kind: str, kwargs: dict[str, Any]) -> tuple[list[_Media], torch.Tensor | None]:
+        """The pass's items of one kind and their grids, encoded here when the pass brings their pixels.
 
-        ``generate`` encodes the images itself (through this instance's ``get_image_features``) before
-        the prefill and passes ``mm_encoder_outputs``; a plain forward pass brings ``pixel_values``.
+        ``kwargs`` is updated (pixels replaced by ``mm_encoder_outputs``). ``generate`` encodes first
+        and drops the grids from the pass's arguments; the grids come from that encoding then.
+        """
+        pixels_name = "pixel_values" if kind == "image" else "pixel_values_videos"
+        grid = kwargs.get(f"{kind}_grid_thw")
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        if kwargs.get(pixels_name) is not None:
+            if grid is None:
+                raise ValueError(f"FlowCut's Qwen path needs {kind}_grid_thw (the processor returns it)")
+            output = self.encode(kind, kwargs[pixels_name], grid)
+            kwargs[pixels_name] = None
+            kwargs["mm_encoder_outputs"] = {**encoded, kind: output}
+            return self._encoded[kind][1], grid
+        if encoded.get(kind) is None:
+            return [], None
+        stored = self._encoded.get(kind)
+        if stored is not None and (grid is None or torch.equal(stored[0], grid)):
+            return stored[1], stored[0]
+        return self._media(grid), grid
+
+    def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        """Encode the media first (so their kept cells are known), fix the positions, prepare the pruner.
+
+        ``generate`` encodes images and videos itself (through this instance's ``get_*_features``)
+        before the prefill and passes ``mm_encoder_outputs``; a plain forward pass brings the pixels.
         """
         kwargs = dict(kwargs)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         if self.pruner is not None:
             self.pruner.refuse_static_cache(cache, self.config.method)
-        if kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video"):
-            raise ValueError(
-                "FlowCut's Qwen path prunes images; video inputs are not supported yet (remove the handle to run them)"
-            )
         if cache is not None and cache.get_seq_length() > 0:
             return args, kwargs  # decoding: the prompt's pruning is already in place
-        if kwargs.get("pixel_values") is not None:
-            grid = kwargs.get("image_grid_thw")
-            if grid is None:
-                raise ValueError("FlowCut's Qwen path needs image_grid_thw (the processor returns it)")
-            if input_ids is not None:
-                self._check_placeholders(input_ids, self._plan(grid))
-            encoded = self.image_features(kwargs["pixel_values"], grid)
-            kwargs["pixel_values"] = None
-            kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded}
-        elif (kwargs.get("mm_encoder_outputs") or {}).get("image") is None:
-            self.prompt = None  # a prompt without images
+        if input_ids is not None:  # explain a prompt made for the unpruned model before anything is encoded
+            planned = {kind: self._media(kwargs.get(f"{kind}_grid_thw")) for kind in ("image", "video")}
+            self._check_placeholders(input_ids, planned["image"], planned["video"])
+        (images, image_grid_thw), (videos, video_grid_thw) = (self._pass_media(k, kwargs) for k in ("image", "video"))
+        self.prompt = _Prompt(images, videos, image_grid_thw, video_grid_thw) if images or videos else None
         prompt = self.prompt
         if prompt is not None and input_ids is not None:
-            self._check_placeholders(input_ids, prompt)
-            if prompt.kept_units is not None:
+            self._check_placeholders(input_ids, prompt.images, prompt.videos)
+            if any(item.kept_units is not None for item in prompt.media):
                 self._fix_positions(input_ids, kwargs, prompt)
-        language_prunes = prompt is not None and any(
-            budget < count for budget, count in zip(prompt.budgets, prompt.placeholders, strict=True)
-        )
+        language_prunes = prompt is not None and any(item.budget < item.placeholders for item in prompt.media)
         if self.pruner is not None:
             if input_ids is None:
-                raise ValueError(f"method {self.config.method!r} needs input_ids to find the image tokens")
-            layout = prompt_layout(input_ids, kwargs.get("attention_mask"), self.image_token_id, images_key(kwargs))
+                raise ValueError(f"method {self.config.method!r} needs input_ids to find the visual tokens")
+            token_types = kwargs.get("mm_token_type_ids")
+            visual = torch.isin(
+                input_ids, torch.tensor([self.image_token_id, self.video_token_id], device=input_ids.device)
+            )
+            if token_types is not None:
+                visual = (token_types == IMAGE) | (token_types == VIDEO)
+            layout = prompt_layout(input_ids, kwargs.get("attention_mask"), visual, images_key(kwargs))
+            self._prompt_ids = input_ids
             self.pruner.start_prefill(layout if layout.visual.any() and language_prunes else None)
-        if prompt is not None and prompt.kept_units is None and not (self.pruner is not None and language_prunes):
+        if prompt is not None and not (self.pruner is not None and language_prunes):
             self._stock_trace(prompt)
         return args, kwargs
 
@@ -287,13 +399,21 @@ class QwenFamily:
         token_types = kwargs.get("mm_token_type_ids")
         if token_types is None:
             raise ValueError("Qwen's M-RoPE positions need mm_token_type_ids (the processor returns them)")
+        extra = {}
+        if kwargs.get("second_per_grid_ts") is not None:
+            extra["second_per_grid_ts"] = kwargs["second_per_grid_ts"]
         positions, deltas = self.rope_index(
             self._stock_rope_index,
             input_ids,
             token_types,
-            prompt.grid_thw,
+            prompt.image_grid_thw,
+            prompt.video_grid_thw,
             attention_mask=kwargs.get("attention_mask"),
-            kept_units=prompt.kept_units,
+            kept_units={
+                IMAGE: [item.kept_units for item in prompt.images],
+                VIDEO: [item.kept_units for item in prompt.videos],
+            },
+            **extra,
         )
         given = kwargs.get("position_ids")
         if given is not None and given.dim() == 3 and given.shape[0] == 4:
@@ -301,58 +421,107 @@ class QwenFamily:
         kwargs["position_ids"] = positions
         self.base.rope_deltas = deltas
 
-    def _check_placeholders(self, input_ids: torch.Tensor, prompt: _Prompt) -> None:
+    def _check_placeholders(self, input_ids: torch.Tensor, images: list[_Media], videos: list[_Media]) -> None:
         """Explain a placeholder count that was made for the unpruned model before the model's own check fails."""
-        placeholders = int((input_ids == self.image_token_id).sum())
-        stock = sum(rows * columns for rows, columns in prompt.grids)
-        check_placeholder_count(placeholders, sum(prompt.placeholders), stock)
+        for token_id, items, kind in ((self.image_token_id, images, "image"), (self.video_token_id, videos, "video")):
+            placeholders = int((input_ids == token_id).sum())
+            expected = sum(item.placeholders for item in items)
+            check_placeholder_count(placeholders, expected, sum(item.cells for item in items), kind=kind)
 
     def _budgets(self, visual: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
-        """Per row, the placeholder count and budget of each of its images (images in batch order)."""
-        if self.prompt is None:
-            raise RuntimeError("the language-model stage ran without the images' grids (pass image_grid_thw)")
-        return sequential_budgets(visual, self.prompt.placeholders, self.prompt.budgets)
+        """Per row, the placeholder count and budget of each of its images and videos, in prompt order."""
+        if self.prompt is None or self._prompt_ids is None:
+            raise RuntimeError("the language-model stage ran without the media's grids (pass image/video_grid_thw)")
+        media = {
+            self.image_token_id: (
+                [item.placeholders for item in self.prompt.images],
+                [i.budget for i in self.prompt.images],
+            ),
+            self.video_token_id: (
+                [item.placeholders for item in self.prompt.videos],
+                [i.budget for i in self.prompt.videos],
+            ),
+        }
+        lengths, keeps, self._media_order = media_budgets(self._prompt_ids[:, : visual.shape[1]], visual, media)
+        return lengths, keeps
 
     # -- traces -------------------------------------------------------------------------------
 
-    def _stock_trace(self, prompt: _Prompt) -> None:
-        layers = self.encoder.num_layers
-        images = [
-            ImageTrace(torch.arange(rows * columns), [rows * columns] * layers, [], [None] * layers)
-            for rows, columns in prompt.grids
+    def _slice_traces(self, item: _Media, cells: torch.Tensor) -> list[ImageTrace]:
+        """Per slice of an item, its trace with the slice's own cells among ``cells`` (slice-major cell indices)."""
+        layers, per_slice = self.encoder.num_layers, item.cells_per_slice
+        traces = []
+        for index in range(item.slices):
+            inside = cells[cells // per_slice == index] % per_slice
+            if item.encoder_slices is None:
+                traces.append(ImageTrace(inside, [per_slice] * layers, [], [None] * layers))
+            else:
+                traces.append(replace(item.encoder_slices[index], kept_indices=inside))
+        return traces
+
+    def _publish(
+        self, prompt: _Prompt, kept_cells: dict[int, list[torch.Tensor]], positions: torch.Tensor | None
+    ) -> None:
+        """The trace of a pass: images (one slice each) and videos (per slice), with unpruned/entering/kept counts."""
+        image_traces = [
+            self._slice_traces(item, cells)[0] for item, cells in zip(prompt.images, kept_cells[IMAGE], strict=True)
         ]
-        tokens = [(rows * columns,) * 3 for rows, columns in prompt.grids]
-        trace = PruningTrace(images, prompt.grids[0], self.config.keep, layers - 1, image_grids=prompt.grids)
-        trace.image_tokens = tokens
+        video_traces = [
+            self._slice_traces(item, cells) for item, cells in zip(prompt.videos, kept_cells[VIDEO], strict=True)
+        ]
+
+        def tokens(items: list[_Media], cells: list[torch.Tensor]) -> list[tuple[int, int, int]]:
+            return [(item.cells, item.placeholders, len(kept)) for item, kept in zip(items, cells, strict=True)]
+
+        first = prompt.media[0]
+        trace = PruningTrace(
+            image_traces,
+            first.grid,
+            self.config.keep,
+            self.encoder.num_layers - 1,
+            positions,
+            tokens(prompt.images, kept_cells[IMAGE]),
+            image_grids=[item.grid for item in prompt.images],
+            videos=video_traces if prompt.videos else None,
+            video_keep=self.config.keep if prompt.videos else None,
+            video_tokens=tokens(prompt.videos, kept_cells[VIDEO]) if prompt.videos else None,
+        )
         self.on_trace(trace)
 
+    def _stock_trace(self, prompt: _Prompt) -> None:
+        """The trace of a pass that the language model did not prune: what the encoder kept, or everything."""
+        kept = {
+            kind: [torch.arange(item.cells) if item.kept_units is None else item.kept_units for item in items]
+            for kind, items in ((IMAGE, prompt.images), (VIDEO, prompt.videos))
+        }
+        self._publish(prompt, kept, None)
+
     def _language_trace(self, positions: torch.Tensor, kept: list[torch.Tensor]) -> None:
-        """Trace of a language-model prune: each image's surviving tokens as merged-grid cells."""
+        """Trace of a language-model prune: each item's surviving tokens as merged-grid cells."""
         prompt = self.prompt
-        layers = self.encoder.num_layers
-        images = []
-        for image, mask in enumerate(kept):
-            cells = torch.arange(len(mask)) if prompt.kept_units is None else prompt.kept_units[image]
-            survivors = cells[mask.cpu()]
-            if prompt.encoder_images is None:
-                units = prompt.grids[image][0] * prompt.grids[image][1]
-                images.append(ImageTrace(survivors, [units] * layers, [], [None] * layers))
-            else:
-                images.append(replace(prompt.encoder_images[image], kept_indices=survivors))
-        tokens = [
-            (rows * columns, count, len(image.kept_indices))
-            for (rows, columns), count, image in zip(prompt.grids, prompt.placeholders, images, strict=True)
-        ]
-        self.on_trace(
-            PruningTrace(
-                images, prompt.grids[0], self.config.keep, layers - 1, positions, tokens, image_grids=prompt.grids
-            )
-        )
+        kept_cells: dict[int, list[torch.Tensor | None]] = {
+            IMAGE: [None] * len(prompt.images),
+            VIDEO: [None] * len(prompt.videos),
+        }
+        for (token_id, index), mask in zip(self._media_order, kept, strict=True):
+            kind = IMAGE if token_id == self.image_token_id else VIDEO
+            item = (prompt.images if kind == IMAGE else prompt.videos)[index]
+            cells = torch.arange(item.placeholders) if item.kept_units is None else item.kept_units
+            kept_cells[kind][index] = cells[mask.cpu()]
+        self._publish(prompt, kept_cells, positions)
 
     # -- processor side ---------------------------------------------------------------------
 
     def patch_processor(self, processor: Any) -> None:
-        """Make ``processor`` write each image's pruned placeholder count (instance-level, reversible)."""
-        adapt_processor(processor, self.image_token_id, "Qwen2-VL", lambda units, size: self.placeholders(units))
+        """Make ``processor`` write each image's and video's pruned placeholder count (instance-level, reversible)."""
+
+        def image_placeholders(cells: int, size: Any) -> int:
+            return sum(self._slice_placeholders(1, cells)[1])
+
+        def video_placeholders(cells: int, video_inputs: dict, index: int) -> int:
+            slices = int(video_inputs["video_grid_thw"][index][0])
+            return sum(self._slice_placeholders(slices, cells // slices)[1])
+
+        adapt_processor(processor, self.image_token_id, "Qwen2-VL", image_placeholders, video_placeholders)
 
     unpatch_processor = staticmethod(restore_processor)

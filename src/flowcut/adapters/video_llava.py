@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from flowcut.adapters.clip import ClipEncoderAdapter
 from flowcut.adapters.llava import LlavaFamily, feature_layer_index
-from flowcut.adapters.processor import adapt_processor
+from flowcut.adapters.processor import adapt_processor, check_placeholder_count
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace
 from flowcut.methods import EncoderCall
@@ -167,16 +167,10 @@ class VideoLlavaFamily(LlavaFamily):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         videos = kwargs.get("pixel_values_videos")
         if input_ids is not None and videos is not None:
-            frames = videos.shape[1]
+            count, frames = videos.shape[:2]
             placeholders = int((input_ids == self.video_token_id).sum())
-            expected = videos.shape[0] * self.video_tokens(frames)
-            stock = videos.shape[0] * self.stock_video_tokens(frames)
-            if placeholders != expected and placeholders == stock:
-                raise ValueError(
-                    f"the prompt holds {self.stock_video_tokens(frames)} video tokens per video, but this model "
-                    f"keeps {self.video_tokens(frames)}: build inputs with the processor passed to "
-                    "flowcut.apply(model, processor=processor, keep=...), which shrinks the placeholders to match"
-                )
+            expected, stock = count * self.video_tokens(frames), count * self.stock_video_tokens(frames)
+            check_placeholder_count(placeholders, expected, stock, images=count, kind="video")
         self._pass_images = None
         super()._before_forward(module, args, kwargs)
 
@@ -188,8 +182,9 @@ class VideoLlavaFamily(LlavaFamily):
             processor, self.image_token_id, self.family_name, self._image_placeholders, self._video_placeholders
         )
 
-    def _video_placeholders(self, stock_count: int, frames: int) -> int:
-        """Video placeholders for a video of ``frames`` frames the processor would give ``stock_count``."""
+    def _video_placeholders(self, stock_count: int, video_inputs: dict, index: int) -> int:
+        """Placeholders for video ``index`` of ``video_inputs``, which the processor would give ``stock_count``."""
+        frames = len(video_inputs["pixel_values_videos"][index])
         if stock_count != self.stock_video_tokens(frames):
             raise ValueError(
                 f"the processor makes {stock_count} video tokens for {frames} frames but the video tower gives "

@@ -109,6 +109,43 @@ def sequential_budgets(
     return row_lengths, row_keeps
 
 
+def media_budgets(
+    input_ids: torch.Tensor, visual: torch.Tensor, media: dict[int, tuple[list[int], list[int]]]
+) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int]]]:
+    """:func:`sequential_budgets` for prompts that hold several kinds of media (images and videos).
+
+    ``media`` maps each kind's placeholder token id to its items' lengths and budgets, items of a kind
+    in batch order. Each row's visual tokens are walked in order; a run of a kind's token is that
+    kind's next item. Returns the rows' lengths and budgets in order of appearance, and the order
+    itself as ``(token id, item index)`` pairs.
+    """
+    taken = dict.fromkeys(media, 0)
+    row_lengths, row_keeps, order = [], [], []
+    for row_ids, row_visual in zip(input_ids.tolist(), visual.tolist(), strict=True):
+        tokens = [token for token, is_visual in zip(row_ids, row_visual, strict=True) if is_visual]
+        lengths, keeps, position = [], [], 0
+        while position < len(tokens):
+            token = tokens[position]
+            if token not in media or taken[token] >= len(media[token][0]):
+                raise ValueError(f"the prompts hold more placeholders of token {token} than their media have")
+            length, keep = media[token][0][taken[token]], media[token][1][taken[token]]
+            if tokens[position : position + length] != [token] * length:
+                raise ValueError(f"a run of token {token} does not hold its item's {length} placeholders")
+            lengths.append(length)
+            keeps.append(keep)
+            order.append((token, taken[token]))
+            taken[token] += 1
+            position += length
+        row_lengths.append(lengths)
+        row_keeps.append(keeps)
+    for token, (lengths, _) in media.items():
+        if taken[token] != len(lengths):
+            raise ValueError(
+                f"the prompts hold placeholders of token {token} for {taken[token]} items, not {len(lengths)}"
+            )
+    return row_lengths, row_keeps, order
+
+
 def kept_per_image(
     positions: torch.Tensor, visual: torch.Tensor, filler: torch.Tensor | None, image_lengths: list[list[int]]
 ) -> list[torch.Tensor]:
