@@ -19,6 +19,9 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaNextVideoProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionProcessor,
@@ -463,13 +466,19 @@ def build_tiny_llava_onevision(
         image_grid_pinpoints=pinpoints,
     )
     patches = (image_size // patch_size) ** 2
+    frame_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
     processor = _image_only(LlavaOnevisionProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        video_processor=None,
+        video_processor=FrameVideoProcessor(frame_processor),
         num_image_tokens=patches,
         vision_feature_select_strategy="full",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=VIDEO_CHAT_TEMPLATE,
         vision_aspect_ratio=f"anyres_max_{max_crops}",
     )
     llava = tiny_llava_config(
@@ -544,4 +553,56 @@ def build_tiny_video_llava(
         vision_feature_select_strategy="default",
     )
     model = _seeded_model(VideoLlavaForConditionalGeneration, config, seed, attn_implementation, tokenizer, dtype)
+    return model, processor
+
+
+def build_tiny_llava_next_video(
+    seed: int = 0,
+    image_size: int = 84,
+    patch_size: int = 7,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    **config_options: int | float,
+) -> tuple[LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor]:
+    """A random tiny LLaVA-NeXT-Video (anyres images, 2x2-average-pooled video frames) and its processor."""
+    pinpoints = _anyres_pinpoints(image_size)
+    tokenizer = build_tokenizer(special_tokens=["<video>"])
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    frame_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = _image_only(LlavaNextVideoProcessor)(
+        video_processor=FrameVideoProcessor(frame_processor),
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=VIDEO_CHAT_TEMPLATE,
+    )
+    llava = tiny_llava_config(
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        image_size=image_size,
+        patch_size=patch_size,
+        **config_options,
+    )
+    config = LlavaNextVideoConfig(
+        vision_config=llava.vision_config,
+        text_config=llava.text_config,
+        image_token_id=llava.image_token_id,
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        spatial_pool_mode="average",
+        spatial_pool_stride=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = _seeded_model(LlavaNextVideoForConditionalGeneration, config, seed, attn_implementation, tokenizer, dtype)
     return model, processor

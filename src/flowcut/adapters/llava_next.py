@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+from transformers import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
@@ -42,9 +46,9 @@ from flowcut.adapters.clip import vision_adapter
 from flowcut.adapters.language import DecoderPruner, decoder_pruner, images_key, prompt_layout
 from flowcut.adapters.llava import check_select_strategy, feature_layer_index
 from flowcut.adapters.processor import adapt_processor, check_placeholder_count, restore_processor
-from flowcut.config import FlowCutConfig, tokens_to_keep
+from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace, run_encoder_stage
-from flowcut.core.language_stage import sequential_budgets
+from flowcut.core.language_stage import media_budgets
 from flowcut.methods import available_method
 from flowcut.methods.flowcut import stage_settings
 from flowcut.trace import PruningTrace
@@ -77,15 +81,40 @@ class ImageLayout:
 
 
 @dataclass
+class VideoLayout:
+    """A video's tokens: stock (pooled frames), and what the budget makes of them."""
+
+    frames: int
+    stock_tokens: int
+    """Visual tokens of the unpruned model: every frame pooled, plus LLaVA-OneVision's one newline."""
+    budget: int
+    """``T``: the video's visual tokens in the decoder layers after the pruning layer."""
+    frame_keeps: list[int] | None
+    """Encoder stage: patches kept per frame; None where the video takes the stock (pooled) path."""
+
+    @property
+    def placeholders(self) -> int:
+        """Visual tokens entering the language model."""
+        return self.stock_tokens if self.frame_keeps is None else sum(self.frame_keeps)
+
+
+@dataclass
 class _Prompt:
-    layouts: list[ImageLayout]
+    """The images and videos of one pass, and what the encoder stage kept of them."""
+
+    layouts: list[ImageLayout] = field(default_factory=list)
     crop_traces: list[ImageTrace] | None = None
+    videos: list[VideoLayout] = field(default_factory=list)
+    frame_traces: list[list[ImageTrace]] | None = None
+    """Per video, per frame: what the encoder stage kept (None where the videos took the stock path)."""
 
 
 class LlavaNextFamily:
     """Installs FlowCut on one ``LlavaNextForConditionalGeneration`` instance and removes it again."""
 
-    model_classes = (LlavaNextForConditionalGeneration,)
+    model_classes: tuple[type, ...] = (LlavaNextForConditionalGeneration, LlavaNextVideoForConditionalGeneration)
+    video_newlines = 0
+    """Newline tokens the stock model appends to a video (LLaVA-OneVision: one)."""
 
     def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
         self.method = available_method(config.method, METHODS, type(model).__name__)
@@ -104,10 +133,15 @@ class LlavaNextFamily:
                 f"vision_feature_select_strategy must be 'full', got {model_config.vision_feature_select_strategy!r}"
             )
         self.image_token_id = model_config.image_token_id
+        self.video_token_id = getattr(model_config, "video_token_id", None)
         self.pinpoints = model_config.image_grid_pinpoints
         self.crop_pixels = model_config.vision_config.image_size
         self.prompt: _Prompt | None = None
-        self._hook = None
+        self._pending: _Prompt | None = None
+        """The pass being encoded: ``generate`` encodes images and videos before the prefill runs."""
+        self._prompt_ids: torch.Tensor | None = None
+        self._media_order: list[tuple[int, int]] = []
+        self._hooks: list[Any] = []
         self.pruner: DecoderPruner | None = None
         if self.method.prunes:
             self.pruner = decoder_pruner(
@@ -168,11 +202,47 @@ class LlavaNextFamily:
             crop_keeps = [half] + [min(half, int(mask.sum())) for mask in eligible]
         return ImageLayout((rows, columns), stock, eligible, grid_index, budget, crop_keeps)
 
+    def pooled_side(self, side: int) -> int:
+        """Rows (and columns) of a video frame's pooled grid in the stock model (LLaVA-NeXT-Video: average pooling)."""
+        return side // self.model.config.spatial_pool_stride
+
+    def video_layout(self, frames: int) -> VideoLayout:
+        """The token layout and budgets of a video of ``frames`` frames.
+
+        ``keep`` counts the whole video's tokens. With FlowCut, the encoder stage keeps twice each
+        frame's share of ``T`` (:func:`flowcut.config.frame_budgets`), as it keeps ``2T`` of an image,
+        and hands the kept patches over unpooled (pooling needs the whole grid); the language-model
+        stage then keeps the video's best ``T``. Where ``2T`` is not below the stock count the video
+        takes the stock (pooled) path and only the language-model stage prunes.
+        """
+        side = self.encoder.grid_size[0]
+        stock = frames * self.pooled_side(side) ** 2 + self.video_newlines
+        budget = tokens_to_keep(self.config.keep, stock) if self.method.prunes else stock
+        frame_keeps = None
+        if self.config.method == "flowcut" and 2 * budget < stock:
+            patches = side * side
+            frame_keeps = [min(patches, 2 * share) for share in frame_budgets(budget, frames, patches)]
+        return VideoLayout(frames, stock, budget, frame_keeps)
+
     def _budgets(self, visual: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
-        if self.prompt is None:
+        """Per row, the placeholder count and budget of each of its images and videos, in prompt order."""
+        if self.prompt is None or self._prompt_ids is None:
             raise RuntimeError("the language-model stage ran without its images' layouts")
-        layouts = self.prompt.layouts
-        return sequential_budgets(visual, [lay.placeholders for lay in layouts], [lay.budget for lay in layouts])
+        media = {self.image_token_id: self._counts(self.prompt.layouts)}
+        if self.video_token_id is not None:
+            media[self.video_token_id] = self._counts(self.prompt.videos)
+        lengths, keeps, self._media_order = media_budgets(self._prompt_ids[:, : visual.shape[1]], visual, media)
+        return lengths, keeps
+
+    @staticmethod
+    def _counts(layouts: list[ImageLayout] | list[VideoLayout]) -> tuple[list[int], list[int]]:
+        return [lay.placeholders for lay in layouts], [lay.budget for lay in layouts]
+
+    def _pending_prompt(self) -> _Prompt:
+        """The prompt the current encoding belongs to (a new one when ``generate`` encodes before its prefill)."""
+        if self._pending is None:
+            self._pending = _Prompt()
+        return self._pending
 
     # -- model side -------------------------------------------------------------------------
 
@@ -202,30 +272,55 @@ class LlavaNextFamily:
             )
 
         self.base.get_image_features = get_image_features
-        self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        if self.video_token_id is not None:
+            stock_video = type(self.base).get_video_features.__get__(self.base)
+
+            def get_video_features(
+                pixel_values_videos: torch.Tensor,
+                vision_feature_layer: Any = None,
+                vision_feature_select_strategy: Any = None,
+                **kwargs: Any,
+            ) -> Any:
+                """Video features pruned frame by frame (installed by flowcut.apply on this instance)."""
+                return family.video_features(
+                    stock_video,
+                    pixel_values_videos,
+                    vision_feature_layer=vision_feature_layer,
+                    vision_feature_select_strategy=vision_feature_select_strategy,
+                    **kwargs,
+                )
+
+            self.base.get_video_features = get_video_features
+        self._hooks = [
+            self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            self.model.register_forward_hook(self._after_forward),
+        ]
         if self.pruner is not None:
             self.pruner.install()
 
     def uninstall(self) -> None:
         """Restore the instance exactly as it was before :meth:`install`."""
         self.base.__dict__.pop("get_image_features", None)
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        self.base.__dict__.pop("get_video_features", None)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         if self.pruner is not None:
             self.pruner.remove()
-        self.prompt = None
+        self.prompt = self._pending = None
+
+    def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self._pending = None  # the next encoding belongs to a new pass
 
     def image_features(
         self, stock: Callable[..., Any], pixel_values: torch.Tensor, image_sizes: torch.Tensor, **kwargs: Any
     ) -> Any:
         """FlowCut's replacement for ``get_image_features`` (LLaVA-NeXT and LLaVA-OneVision)."""
-        for name in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
-            if kwargs.get(name) is not None and kwargs[name] != getattr(self.model.config, name):
-                raise ValueError(f"FlowCut's anyres path uses the model's {name}; got {kwargs[name]!r}")
+        self._check_settings(kwargs)
         single = self._single_crop(kwargs.get("batch_num_images"), len(image_sizes))
         layouts = [self.layout(size, alone) for size, alone in zip(image_sizes, single, strict=True)]
-        self.prompt = _Prompt(layouts)
+        target = self._pending_prompt()
+        target.layouts, target.crop_traces = layouts, None
         stock_kwargs = {key: value for key, value in kwargs.items() if value is not None}
         pruned = [i for i, lay in enumerate(layouts) if lay.crop_keeps is not None]
         features: list[torch.Tensor | None] = [None] * len(layouts)
@@ -233,7 +328,7 @@ class LlavaNextFamily:
             # Images the encoder stage leaves whole take the stock path (newlines included), bit for bit.
             output = stock(pixel_values, image_sizes, **stock_kwargs)
             if not pruned:
-                self._trace_without_language_stage()
+                self._trace_without_language_stage(target)
                 return output
             features = list(output.pooler_output)
         crops_per_image = [
@@ -247,8 +342,39 @@ class LlavaNextFamily:
         features_pruned, crop_traces = self._prune_images([crops[i] for i in pruned], [layouts[i] for i in pruned])
         for i, feature in zip(pruned, features_pruned, strict=True):
             features[i] = feature
-        self.prompt.crop_traces = crop_traces
-        self._trace_without_language_stage()
+        target.crop_traces = crop_traces
+        self._trace_without_language_stage(target)
+        output = BaseModelOutputWithPooling(pooler_output=features)
+        return output if kwargs.get("return_dict", True) else output.to_tuple()
+
+    def _check_settings(self, kwargs: dict[str, Any]) -> None:
+        for name in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
+            if kwargs.get(name) is not None and kwargs[name] != getattr(self.model.config, name):
+                raise ValueError(f"FlowCut's anyres path uses the model's {name}; got {kwargs[name]!r}")
+
+    def video_features(self, stock: Callable[..., Any], pixel_values_videos: torch.Tensor, **kwargs: Any) -> Any:
+        """FlowCut's replacement for ``get_video_features``: each frame's kept patches, unpooled.
+
+        See :meth:`video_layout`; a video at or under its encoder budget takes the stock path.
+        """
+        self._check_settings(kwargs)
+        videos, frames = pixel_values_videos.shape[:2]
+        layout = self.video_layout(frames)
+        target = self._pending_prompt()
+        target.videos, target.frame_traces = [layout] * videos, None
+        if layout.frame_keeps is None:
+            output = stock(pixel_values_videos, **{key: value for key, value in kwargs.items() if value is not None})
+            self._trace_without_language_stage(target)
+            return output
+        keeps = layout.frame_keeps * videos
+        settings = stage_settings(self.config, max(keeps), self.feature_layer)
+        with self.encoder.session():
+            stage = run_encoder_stage(self.encoder, pixel_values_videos.flatten(0, 1), settings, None, keeps)
+        projected = self.base.multi_modal_projector(stage.hidden_states[:, self.encoder.query_slots :])
+        tokens = [projected[row, :count] for row, count in enumerate(stage.counts)]
+        features = torch.stack([torch.cat(tokens[video * frames : (video + 1) * frames]) for video in range(videos)])
+        target.frame_traces = [stage.images[video * frames : (video + 1) * frames] for video in range(videos)]
+        self._trace_without_language_stage(target)
         output = BaseModelOutputWithPooling(pooler_output=features)
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
@@ -302,47 +428,87 @@ class LlavaNextFamily:
             self.pruner.refuse_static_cache(cache, self.config.method)
         if cache is not None and cache.get_seq_length() > 0:
             return
-        if kwargs.get("pixel_values") is not None:
-            sizes = kwargs.get("image_sizes")
-            if sizes is None:
-                raise ValueError("LLaVA-NeXT needs image_sizes (the processor returns them)")
-            single = self._single_crop(kwargs.get("batch_num_images"), len(sizes))
-            layouts = [self.layout(size, alone) for size, alone in zip(sizes, single, strict=True)]
-        elif (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None and self.prompt is not None:
-            layouts = self.prompt.layouts  # encoded by generate through this instance's get_image_features
-        else:
+        pixels, videos = kwargs.get("pixel_values"), kwargs.get("pixel_values_videos")
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        if pixels is not None or videos is not None:
             layouts = []
+            if pixels is not None:
+                sizes = kwargs.get("image_sizes")
+                if sizes is None:
+                    raise ValueError("LLaVA-NeXT needs image_sizes (the processor returns them)")
+                single = self._single_crop(kwargs.get("batch_num_images"), len(sizes))
+                layouts = [self.layout(size, alone) for size, alone in zip(sizes, single, strict=True)]
+            video_layouts = [] if videos is None else [self.video_layout(videos.shape[1])] * videos.shape[0]
+            # This pass encodes its media itself, after this hook: the encodings fill this prompt.
+            self.prompt = self._pending = _Prompt(layouts, None, video_layouts, None)
+        elif encoded.get("image") is not None or encoded.get("video") is not None:
+            # Encoded by generate through this instance's get_*_features before its prefill; later
+            # uncached passes of the same generate bring the same encodings again.
+            self.prompt = self._pending if self._pending is not None else self.prompt
+        else:
             self.prompt = None
-        if input_ids is not None and layouts:
-            placeholders = int((input_ids == self.image_token_id).sum())
-            expected = sum(lay.placeholders for lay in layouts)
-            check_placeholder_count(placeholders, expected, sum(lay.stock_tokens for lay in layouts))
+        prompt = self.prompt or _Prompt()
+        if input_ids is not None:
+            for token_id, items, kind in (
+                (self.image_token_id, prompt.layouts, "image"),
+                (self.video_token_id, prompt.videos, "video"),
+            ):
+                if items:
+                    placeholders = int((input_ids == token_id).sum())
+                    expected = sum(lay.placeholders for lay in items)
+                    check_placeholder_count(placeholders, expected, sum(lay.stock_tokens for lay in items), kind=kind)
         if self.pruner is not None:
-            language_prunes = any(lay.budget < lay.placeholders for lay in layouts)
+            language_prunes = any(lay.budget < lay.placeholders for lay in prompt.layouts + prompt.videos)
             if language_prunes and input_ids is None:
-                raise ValueError(f"method {self.config.method!r} needs input_ids to find the image tokens")
+                raise ValueError(f"method {self.config.method!r} needs input_ids to find the visual tokens")
             layout = None
             if language_prunes:
-                layout = prompt_layout(input_ids, kwargs.get("attention_mask"), self.image_token_id, images_key(kwargs))
-                self.prompt = self.prompt if self.prompt is not None else _Prompt(layouts)
+                visual = input_ids == self.image_token_id
+                if self.video_token_id is not None:
+                    visual |= input_ids == self.video_token_id
+                layout = prompt_layout(input_ids, kwargs.get("attention_mask"), visual, images_key(kwargs))
+                self._prompt_ids = input_ids
             self.pruner.start_prefill(layout)
 
     def _language_trace(self, positions: torch.Tensor, kept: list[torch.Tensor]) -> None:
-        """Per image: its stock visual tokens, those entering the language model, those kept after layer 1."""
-        layouts = self.prompt.layouts
-        tokens = [(lay.stock_tokens, len(mask), int(mask.sum())) for lay, mask in zip(layouts, kept, strict=True)]
-        self._trace(tokens, positions)
+        """Per image and video: its stock visual tokens, those entering the language model, those kept after layer 1."""
+        prompt = self.prompt
+        counts: dict[int, list[tuple[int, int, int]]] = {
+            self.image_token_id: [(lay.stock_tokens, lay.placeholders, lay.placeholders) for lay in prompt.layouts],
+            self.video_token_id: [(lay.stock_tokens, lay.placeholders, lay.placeholders) for lay in prompt.videos],
+        }
+        for (token_id, index), mask in zip(self._media_order, kept, strict=True):
+            stock, entering, _ = counts[token_id][index]
+            counts[token_id][index] = (stock, entering, int(mask.sum()))
+        self._trace(prompt, counts[self.image_token_id], counts[self.video_token_id], positions)
 
-    def _trace_without_language_stage(self) -> None:
-        """The trace of images that no decoder layer prunes (recorded once they are encoded)."""
-        layouts = self.prompt.layouts
-        if self.pruner is None or all(lay.budget >= lay.placeholders for lay in layouts):
-            self._trace([(lay.stock_tokens, lay.placeholders, lay.placeholders) for lay in layouts])
+    def _trace_without_language_stage(self, prompt: _Prompt) -> None:
+        """The trace of media that no decoder layer prunes (recorded once they are encoded)."""
+        if self.pruner is None or all(lay.budget >= lay.placeholders for lay in prompt.layouts + prompt.videos):
+            images = [(lay.stock_tokens, lay.placeholders, lay.placeholders) for lay in prompt.layouts]
+            videos = [(lay.stock_tokens, lay.placeholders, lay.placeholders) for lay in prompt.videos]
+            self._trace(prompt, images, videos)
 
-    def _trace(self, tokens: list[tuple[int, int, int]], positions: torch.Tensor | None = None) -> None:
-        images = (self.prompt.crop_traces or []) if self.prompt is not None else []
-        grid = self.encoder.grid_size
-        self.on_trace(PruningTrace(images, grid, self.config.keep, self.feature_layer, positions, image_tokens=tokens))
+    def _trace(
+        self,
+        prompt: _Prompt,
+        image_tokens: list[tuple[int, int, int]],
+        video_tokens: list[tuple[int, int, int]],
+        positions: torch.Tensor | None = None,
+    ) -> None:
+        trace = PruningTrace(
+            prompt.crop_traces or [],
+            self.encoder.grid_size,
+            self.config.keep,
+            self.feature_layer,
+            positions,
+            image_tokens=image_tokens,
+        )
+        if prompt.videos:
+            trace.videos = prompt.frame_traces
+            trace.video_keep = self.config.keep
+            trace.video_tokens = video_tokens
+        self.on_trace(trace)
 
     # -- processor side ---------------------------------------------------------------------
 
@@ -358,7 +524,17 @@ class LlavaNextFamily:
                 )
             return layout.placeholders
 
-        adapt_processor(processor, self.image_token_id, type(self.model).__name__, placeholders)
+        def video_placeholders(stock_count: int, video_inputs: dict, index: int) -> int:
+            layout = self.video_layout(len(video_inputs["pixel_values_videos"][index]))
+            if stock_count != layout.stock_tokens:
+                raise ValueError(
+                    f"the processor makes {stock_count} video tokens for {layout.frames} frames but the model "
+                    f"makes {layout.stock_tokens}: processor and model do not match"
+                )
+            return layout.placeholders
+
+        video = video_placeholders if self.video_token_id is not None else None
+        adapt_processor(processor, self.image_token_id, type(self.model).__name__, placeholders, video)
 
     def _processor_layout(self, stock_count: int, image_size: Any) -> ImageLayout:
         """The layout of an image the processor gives ``stock_count`` tokens."""
@@ -386,6 +562,12 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         if not (isinstance(aspect, str) and aspect.startswith("anyres_max_")):
             raise ValueError(f"FlowCut supports LLaVA-OneVision's anyres_max_N packing, got {aspect!r}")
         self.max_crops = int(aspect.removeprefix("anyres_max_"))
+
+    video_newlines = 1
+
+    def pooled_side(self, side: int) -> int:
+        """LLaVA-OneVision halves each frame's grid by bilinear interpolation, rounding up."""
+        return math.ceil(side / 2)
 
     def _processor_layout(self, stock_count: int, image_size: Any) -> ImageLayout:
         """A stock count of one base view and a newline marks an image of a multi-image prompt."""
