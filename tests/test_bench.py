@@ -113,4 +113,7 @@ def test_preset_has_the_published_shapes_and_runs_in_smoke_mode(tmp_path):
     flash = CliRunner().invoke(app, [*arguments, *options, "--attention", "flash", "--output", str(tmp_path / "x")])
     assert flash.exit_code == 2 and "--attention must be sdpa or eager, got 'flash'" in flash.output
     unknown = CliRunner().invoke(app, ["bench", "--preset", "llava-13b", "--no-plot"])
-    assert unknown.exit_code == 2 and "unknown preset 'llava-13b'; available: llava-1.5-7b" in unknown.output
+    assert (
+        unknown.exit_code == 2
+        and "unknown preset 'llava-13b'; available: llava-1.5-7b, video-llava-7b" in unknown.output
+    )

@@ -131,6 +131,20 @@ def _open_image(path: Path) -> Any:
         raise  # unreachable: _fail exits
 
 
+VIDEO_HELP = "Video: a directory of frame images, a .npy (frames, height, width, 3) array, or a video file (needs av)."
+
+
+def _read_video(path: Path, frames: int) -> Any:
+    """``frames`` frames sampled evenly from the video at ``path``, or a clear error."""
+    from flowcut.video import read_frames
+
+    try:
+        return read_frames(path, frames)
+    except ValueError as error:
+        _fail(str(error))
+        raise  # unreachable: _fail exits
+
+
 def _unknown_words(processor: Any, text: str) -> list[str]:
     """Words of ``text`` the model's tokenizer can only map to its unknown token."""
     tokenizer = getattr(processor, "tokenizer", None)
@@ -330,10 +344,14 @@ def evaluate_command(
 
 @app.command()
 def viz(
-    image: Annotated[Path, typer.Option(help="Image file to prune.")],
+    image: Annotated[Path | None, typer.Option(help="Image file to prune.")] = None,
+    video: Annotated[Path | None, typer.Option(help=VIDEO_HELP + " Drawn as a strip of frames.")] = None,
+    frames: Annotated[int, typer.Option(help="Frames sampled evenly from --video.")] = 8,
     prompt: Annotated[str | None, typer.Option(help="Question to answer under every method (optional).")] = None,
     model: ModelOption = None,
-    keep: Annotated[int, typer.Option(help="Visual tokens per image that reach the language model.")] = 64,
+    keep: Annotated[
+        str, typer.Option(help="Visual tokens per image (per video with --video) that reach the language model.")
+    ] = "64",
     method: Annotated[
         str, typer.Option(help=f"Comma-separated methods; the first is drawn step by step. From: {', '.join(METHODS)}.")
     ] = "flowcut",
@@ -345,26 +363,34 @@ def viz(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
 ) -> None:
-    """Draw what METHOD keeps of IMAGE: prune steps, score heat maps, entropy schedule, methods side by side."""
+    """Draw what METHOD keeps of IMAGE (prune steps, score heat maps, entropy schedule) or of VIDEO (a frame strip)."""
     if output.suffix.lower() not in (".png", ".svg"):
         _fail(f"--output must end in .png or .svg, got {output.name!r}")
+    if (image is None) == (video is None):
+        _fail("pass either --image or --video")
     _require_matplotlib("flowcut viz needs matplotlib: pip install 'flowcut-vlm[viz]'")
-    from flowcut.viz import visualise
+    from flowcut.viz import visualise, visualise_video
 
     names = _name_list(method)
+    budget = _parse_keep(keep)
     try:
         for name in names:
-            FlowCutConfig(keep=keep, method=name)
+            FlowCutConfig(keep=budget, method=name)
     except (TypeError, ValueError) as error:
         _fail(str(error))
     if not names:
         _fail("--method names no method")
     chosen_layers = _int_list(layers, "layers") if layers else None
-    picture = _open_image(image)
+    media = _open_image(image) if image is not None else _read_video(video, frames)
     device, dtype = _resolve_device_dtype(device, dtype)
     loaded_model, processor = load_model(_model_source(model), device, dtype)
     try:
-        figure = visualise(loaded_model, processor, picture, keep, names, prompt=prompt, layers=chosen_layers)
+        if video is not None:
+            if layers:
+                _fail("--layers draws score heat maps of an image; a video is drawn as a strip of frames")
+            figure = visualise_video(loaded_model, processor, media, budget, names, prompt=prompt)
+        else:
+            figure = visualise(loaded_model, processor, media, budget, names, prompt=prompt, layers=chosen_layers)
     except (TypeError, ValueError) as error:
         _fail(str(error))
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -376,6 +402,12 @@ def viz(
 def bench(
     model: ModelOption = None,
     image: Annotated[Path | None, typer.Option(help="Image (default: shapes-VQA test image 1).")] = None,
+    video: Annotated[
+        Path | None, typer.Option(help=VIDEO_HELP + " Benchmarks a video model on it (budgets per video).")
+    ] = None,
+    frames: Annotated[
+        int | None, typer.Option(help="Frames sampled from --video (default: the preset's, else 8).")
+    ] = None,
     prompt: Annotated[str, typer.Option(help="Question asked in every round.")] = "what colour is the square ?",
     methods: Annotated[str, typer.Option(help=f"Comma-separated, from: {', '.join(METHODS)}.")] = (
         "flowcut,visionzip,fastv,divprune,random"
@@ -390,7 +422,10 @@ def bench(
     plot: Annotated[bool, typer.Option(help="Write the speed-up plot (needs matplotlib).")] = True,
     preset: Annotated[
         str | None,
-        typer.Option(help="Random weights at a published model's shapes instead of --model: llava-1.5-7b."),
+        typer.Option(
+            help="Random weights at a published model's shapes instead of --model: llava-1.5-7b, video-llava-7b "
+            "(a video of shapes-VQA pictures unless --video is given)."
+        ),
     ] = None,
     text_layers: Annotated[
         int | None, typer.Option(help="With --preset: language-model layers to build (CPU runs: a few).")
@@ -422,6 +457,25 @@ def bench(
         ]
     except (TypeError, ValueError) as error:
         _fail(str(error))
+    if image is not None and video is not None:
+        _fail("pass either --image or --video")
+    frame_count, clip = frames, None
+    if preset is not None:
+        from flowcut.bench.presets import PRESETS
+
+        if preset in PRESETS and PRESETS[preset].frames:
+            frame_count = frames or PRESETS[preset].frames
+            if image is not None:
+                _fail(f"--preset {preset} is a video model: pass --video, or nothing for a video of shapes pictures")
+            if video is None:
+                import numpy as np
+
+                pictures = [make_sample("test", index + 1).image for index in range(frame_count)]
+                clip = np.stack([np.asarray(picture.resize(pictures[0].size)) for picture in pictures])
+    if video is not None:
+        clip = _read_video(video, frame_count or 8)
+    elif frames is not None and clip is None:
+        _fail("--frames applies to --video and to video presets")
     picture = _open_image(image) if image is not None else make_sample("test", 1).image
     device, dtype = _resolve_device_dtype(device, dtype)
     if preset is None:
@@ -444,7 +498,15 @@ def bench(
         loaded_model.set_attn_implementation(attention)
     try:
         results = benchmark(
-            loaded_model, processor, picture, prompt, settings, rounds=rounds, warmup=warmup, new_tokens=new_tokens
+            loaded_model,
+            processor,
+            picture,
+            prompt,
+            settings,
+            rounds=rounds,
+            warmup=warmup,
+            new_tokens=new_tokens,
+            video=clip,
         )
     except (TypeError, ValueError) as error:
         _fail(str(error))

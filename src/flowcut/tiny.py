@@ -517,11 +517,13 @@ def build_tiny_video_llava(
     patch_size: int = 7,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    vocab_size: int | None = None,
     **config_options: int | float,
 ) -> tuple[VideoLlavaForConditionalGeneration, VideoLlavaProcessor]:
     """A random tiny Video-LLaVA (separate CLIP image and video towers) and its processor.
 
-    The processor's video side is the :class:`FrameVideoProcessor` stand-in (frames as images).
+    The processor's video side is the :class:`FrameVideoProcessor` stand-in (frames as images);
+    ``vocab_size`` as for :func:`build_tiny_llava`.
     """
     tokenizer = build_tokenizer(special_tokens=["<video>"])
     image_processor = CLIPImageProcessorPil(
@@ -536,8 +538,10 @@ def build_tiny_video_llava(
         num_additional_image_tokens=1,
         chat_template=VIDEO_CHAT_TEMPLATE,
     )
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size must cover the tokenizer's {len(tokenizer)} tokens, got {vocab_size}")
     llava = tiny_llava_config(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
         image_size=image_size,

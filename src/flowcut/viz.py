@@ -242,3 +242,81 @@ def visualise(
     view = model_view(pixel_values, image_processor.image_mean, image_processor.image_std)
     title = f"keep {keep} of {views[0].trace.num_patches}" + (f" · prompt: {prompt}" if prompt else "")
     return flow_figure(view, views, layers=layers, title=title)
+
+
+def video_strip_figure(frames: Sequence[np.ndarray], views: Sequence[MethodView], title: str | None = None) -> Figure:
+    """A video's frames as a strip, one row per method, each frame with the patches its encoder stage kept.
+
+    ``frames`` are the frames as the model saw them (:func:`model_view`); each view's trace holds the
+    video's frames in ``trace.videos[0]``. A method that prunes only inside the language model keeps
+    every patch in the encoder; its row says how many of the video's tokens the later layers see.
+    """
+    from matplotlib.figure import Figure
+
+    if not views:
+        raise ValueError("give at least one method's trace")
+    figure = Figure(figsize=(1.9 * len(frames), 2.2 * len(views) + 0.4), layout="constrained")
+    if title:
+        figure.suptitle(title)
+    axes = np.atleast_2d(figure.subplots(len(views), len(frames), squeeze=False))
+    for row, method_view in enumerate(views):
+        trace = method_view.trace
+        frame_traces = (trace.videos or [None])[0]
+        for column, frame in enumerate(frames):
+            panel = axes[row, column]
+            if frame_traces is None:
+                panel.imshow(frame)
+                kept = "all"
+            else:
+                panel.imshow(highlight(frame, frame_traces[column].kept_indices, trace.grid_size))
+                kept = str(len(frame_traces[column].kept_indices))
+            panel.set_title(f"frame {column + 1}: {kept} kept", fontsize="small")
+            _hide(panel)
+        label = method_view.label
+        if trace.video_tokens:
+            stock, entering, later = trace.video_tokens[0]
+            label += f"\n{entering} in, {later} after layer 1\nof {stock}"
+        if method_view.answer is not None:
+            label += f"\n→ {method_view.answer}"
+        axes[row, 0].set_ylabel(label, fontsize="small")
+    return figure
+
+
+def visualise_video(
+    model: torch.nn.Module,
+    processor: Any,
+    frames: np.ndarray,
+    keep: int | float,
+    methods: Sequence[str] = ("flowcut",),
+    prompt: str | None = None,
+    max_new_tokens: int = 8,
+) -> Figure:
+    """Prune one video (``(F, H, W, 3)`` frames) with each method, answer ``prompt`` if given, and draw the strip.
+
+    Supports models whose processor returns ``pixel_values_videos`` as frames (Video-LLaVA,
+    LLaVA-NeXT-Video, LLaVA-OneVision); the model is left as it was.
+    """
+    import flowcut
+    from flowcut.prompting import video_prompt_inputs
+
+    if not methods:
+        raise ValueError("give at least one method")
+    views: list[MethodView] = []
+    pixels = None
+    for method in methods:
+        with flowcut.apply(model, processor=processor, keep=keep, method=method) as handle:
+            inputs = video_prompt_inputs(processor, frames, prompt or "", model.device, model.dtype)
+            pixels = inputs["pixel_values_videos"]
+            if pixels.dim() != 5:
+                raise ValueError(
+                    f"drawing a video needs frames of pixels; {type(model).__name__} packs them as patches"
+                )
+            with torch.inference_mode():
+                output = model.generate(**inputs, max_new_tokens=max_new_tokens if prompt else 1, do_sample=False)
+            answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            views.append(MethodView(method, handle.last_trace, answer.strip() if prompt else None))
+    normaliser = getattr(processor, "video_processor", None)
+    normaliser = getattr(normaliser, "image_processor", normaliser)  # frame-by-frame stand-ins wrap one
+    shown = [model_view(frame, normaliser.image_mean, normaliser.image_std) for frame in pixels[0]]
+    title = f"keep {keep} of the video's visual tokens" + (f" · prompt: {prompt}" if prompt else "")
+    return video_strip_figure(shown, views, title)

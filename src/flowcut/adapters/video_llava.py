@@ -111,6 +111,7 @@ class VideoLlavaFamily(LlavaFamily):
         pixels = pixel_values_videos.flatten(0, 1)
         features: list[torch.Tensor | None] = [None] * len(budgets)
         traces: list[ImageTrace | None] = [None] * len(budgets)
+        scoring_seconds: float | None = None
         # Frames with the same budget are one method call; a frame's tokens depend on it alone.
         for budget in sorted(set(budgets)):
             chosen = [frame for frame, frame_budget in enumerate(budgets) if frame_budget == budget]
@@ -132,8 +133,11 @@ class VideoLlavaFamily(LlavaFamily):
                 selected = self.method.run(call)
             for row, frame in enumerate(chosen):
                 features[frame], traces[frame] = selected.features[row], selected.images[row]
+            if selected.scoring_seconds is not None:
+                scoring_seconds = (scoring_seconds or 0.0) + selected.scoring_seconds
         video_features = torch.cat(features).view(videos, per_video, -1)
-        self._video_trace([traces[video * frames : (video + 1) * frames] for video in range(videos)], feature_layer)
+        frame_traces = [traces[video * frames : (video + 1) * frames] for video in range(videos)]
+        self._video_trace(frame_traces, feature_layer, scoring_seconds)
         output = BaseModelOutputWithPooling(pooler_output=video_features)
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
@@ -141,7 +145,9 @@ class VideoLlavaFamily(LlavaFamily):
         self._pass_images = trace
         self._emit(trace)
 
-    def _video_trace(self, videos: list[list[ImageTrace]], feature_layer: int) -> None:
+    def _video_trace(
+        self, videos: list[list[ImageTrace]], feature_layer: int, scoring_seconds: float | None = None
+    ) -> None:
         """Publish the pass's trace: its images (where encoded just before) and its videos, frame by frame."""
         images = self._pass_images
         trace = PruningTrace(
@@ -152,6 +158,8 @@ class VideoLlavaFamily(LlavaFamily):
             videos=videos,
             video_keep=self.video_keep,
         )
+        if scoring_seconds is not None:
+            trace.scoring_ms = 1000 * scoring_seconds
         self._emit(trace)
 
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:

@@ -101,7 +101,7 @@ def text_flops(shape: TextShape, tokens_per_layer: Sequence[int], head_tokens: i
 def prefill_flops(
     vision: VisionShape,
     text: TextShape,
-    vision_tokens_per_layer: Sequence[int],
+    vision_tokens_per_layer: Sequence[int] | Sequence[Sequence[int]],
     visual_tokens: int,
     prompt_tokens: int,
     language_tokens_per_layer: Sequence[int] | None = None,
@@ -110,14 +110,18 @@ def prefill_flops(
     """FLOPs of one image's prefill.
 
     ``vision_tokens_per_layer``: patches each executed encoder layer processed (a pruning trace's
-    ``tokens_per_layer``); ``visual_tokens``: visual tokens entering the language model;
+    ``tokens_per_layer``), or one such list per encoder pass (a video's frames);
+    ``visual_tokens``: visual tokens entering the language model;
     ``prompt_tokens``: the text tokens around them. ``language_tokens_per_layer`` overrides the
     sequence length per decoder layer (pruning inside the language model).
     """
     sequence = visual_tokens + prompt_tokens
     per_layer = list(language_tokens_per_layer) if language_tokens_per_layer is not None else [sequence] * text.layers
+    passes = vision_tokens_per_layer
+    if not passes or not isinstance(passes[0], Sequence):
+        passes = [passes]
     return PrefillFlops(
-        vision=vision_flops(vision, vision_tokens_per_layer),
+        vision=sum(vision_flops(vision, tokens) for tokens in passes),
         projector=projector_flops(vision.hidden, text.hidden, visual_tokens),
         language=text_flops(text, per_layer, head_tokens),
     )

@@ -12,9 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    VideoLlavaForConditionalGeneration,
+    VideoLlavaProcessor,
+)
 
-from flowcut.tiny import build_tiny_llava
+from flowcut.tiny import build_tiny_llava, build_tiny_video_llava
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class Preset:
     text_heads: int
     text_kv_heads: int
     vocab_size: int
+    frames: int = 0
+    """Frames per video of a video model (Video-LLaVA); 0 for image models."""
 
 
 PRESETS = {
@@ -52,6 +59,22 @@ PRESETS = {
         text_kv_heads=32,
         vocab_size=32064,
     ),
+    "video-llava-7b": Preset(
+        "Video-LLaVA-7B: 8 frames through CLIP ViT-L/14-224 (24 layers, 256 patches each) + Vicuna-7B",
+        image_size=224,
+        patch_size=14,
+        vision_hidden=1024,
+        vision_intermediate=4096,
+        vision_layers=24,
+        vision_heads=16,
+        text_hidden=4096,
+        text_intermediate=11008,
+        text_layers=32,
+        text_heads=32,
+        text_kv_heads=32,
+        vocab_size=32064,
+        frames=8,
+    ),
 }
 
 SMOKE_DIVISOR = 16
@@ -59,7 +82,7 @@ SMOKE_DIVISOR = 16
 
 def build_preset(
     name: str, text_layers: int | None = None, smoke: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+) -> tuple[LlavaForConditionalGeneration | VideoLlavaForConditionalGeneration, LlavaProcessor | VideoLlavaProcessor]:
     """The preset's architecture with random weights, and an offline processor for it."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
@@ -71,7 +94,8 @@ def build_preset(
     # Smoke widths keep 4 heads per tower, so every head stays at least 16 wide.
     vision_heads = 4 if smoke else preset.vision_heads
     text_heads, text_kv_heads = (4, 4) if smoke else (preset.text_heads, preset.text_kv_heads)
-    return build_tiny_llava(
+    builder = build_tiny_video_llava if preset.frames else build_tiny_llava
+    return builder(
         seed=seed,
         image_size=preset.image_size,
         patch_size=preset.patch_size,

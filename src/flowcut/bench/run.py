@@ -24,7 +24,7 @@ from flowcut.api import apply, check_applicable
 from flowcut.bench.flops import PrefillFlops, TextShape, VisionShape, prefill_flops
 from flowcut.config import FlowCutConfig
 from flowcut.methods import get_method
-from flowcut.prompting import prompt_inputs
+from flowcut.prompting import prompt_inputs, video_prompt_inputs
 
 
 @dataclass(frozen=True)
@@ -160,8 +160,13 @@ def benchmark(
     warmup: int = 1,
     new_tokens: int = 8,
     on_round: Callable[[int], None] | None = None,
+    video: Any = None,
 ) -> list[BenchResult]:
-    """Measure every setting ``rounds`` times, interleaved, after ``warmup`` unrecorded rounds."""
+    """Measure every setting ``rounds`` times, interleaved, after ``warmup`` unrecorded rounds.
+
+    With ``video`` (``(F, H, W, 3)`` frames, for a video model) the prompt asks about the video
+    instead of ``image``, the encoder time is the video's, and budgets count the video's tokens.
+    """
     if rounds < 1 or warmup < 0 or new_tokens < 2:
         raise ValueError("rounds must be at least 1, warmup at least 0 and new_tokens at least 2")
     check_applicable(model, [setting.config() for setting in settings if setting.method is not None])
@@ -175,10 +180,15 @@ def benchmark(
             if setting.method is not None:
                 handle = apply(model, processor=processor, config=setting.config())
             try:
-                inputs = prompt_inputs(processor, image, prompt, device, dtype)
+                if video is None:
+                    inputs = prompt_inputs(processor, image, prompt, device, dtype)
+                    encode = partial(model.model.get_image_features, inputs["pixel_values"])
+                else:
+                    inputs = video_prompt_inputs(processor, video, prompt, device, dtype)
+                    encode = partial(model.model.get_video_features, inputs["pixel_values_videos"])
                 generation = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
                 with torch.inference_mode():
-                    vision_ms, _ = timed(partial(model.model.get_image_features, inputs["pixel_values"]))
+                    vision_ms, _ = timed(encode)
                     scoring_ms = handle.last_trace.scoring_ms if setting.method == "flowcut" else None
                     # Logits of the last position only, as generate() computes them in its prefill.
                     prefill_ms, output = timed(partial(model, **inputs, use_cache=True, logits_to_keep=1))
@@ -216,18 +226,22 @@ def _result(
     text_shape: TextShape,
     new_tokens: int,
 ) -> BenchResult:
-    image_token = model.config.image_token_id
+    video = inputs.get("pixel_values_videos")
+    token = model.config.image_token_id if video is None else model.config.video_token_id
     length = inputs["input_ids"].shape[1]
-    entering = int((inputs["input_ids"][0] == image_token).sum())
+    entering = int((inputs["input_ids"][0] == token).sum())
     prompt_tokens = length - entering
     trace = handle.last_trace if handle is not None else None
     if trace is None:
-        tokens_per_layer = [vision_shape.num_patches] * vision_shape.layers  # the stock path runs every layer
+        # The stock path runs every layer, on the image or on each of the video's frames.
+        tokens_per_layer = [[vision_shape.num_patches] * vision_shape.layers] * (1 if video is None else video.shape[1])
         language = None
         visual = entering
     else:
-        tokens_per_layer = trace.images[0].tokens_per_layer
-        visual = trace.keep
+        if video is None:
+            tokens_per_layer, visual = [trace.images[0].tokens_per_layer], trace.keep
+        else:
+            tokens_per_layer, visual = [frame.tokens_per_layer for frame in trace.videos[0]], trace.video_keep
         language = None
         if trace.language_positions is not None:  # pruned inside the language model after one layer
             layer = get_method(setting.method).language_layer
