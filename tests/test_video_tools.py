@@ -102,3 +102,16 @@ def test_frame_strip_figure_and_cli(tmp_path, monkeypatch):
     assert layers.exit_code == 2 and "a video is drawn as a strip of frames" in layers.output
     with torch.no_grad():
         assert "get_video_features" not in model.model.__dict__
+
+
+def test_frame_strip_of_a_two_stage_video_model():
+    pytest.importorskip("matplotlib")
+    from flowcut.tiny import build_tiny_llava_next_video
+    from flowcut.viz import visualise_video
+
+    model, processor = build_tiny_llava_next_video(seed=0, text_layers=3)
+    figure = visualise_video(model, processor, frames_array(), 16, ["flowcut", "fastv"])
+    axes = figure.get_axes()
+    assert [axis.get_title() for axis in axes] == [f"frame {i}: {k} kept" for k in ("8", "all") for i in range(1, 5)]
+    assert axes[0].get_ylabel() == "flowcut\n32 in, 16 after layer 1\nof 144"
+    assert axes[4].get_ylabel() == "fastv\n144 in, 16 after layer 1\nof 144"
