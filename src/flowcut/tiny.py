@@ -407,24 +407,26 @@ def build_tiny_llava_next(
     patch_size: int = 7,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    video: bool = False,
     **config_options: int | float,
-) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
-    """A random tiny LLaVA-NeXT (anyres: a base view plus a grid of up to 2x2 crops) and its processor."""
+) -> tuple[LlavaNextForConditionalGeneration | LlavaNextVideoForConditionalGeneration, LlavaNextProcessor]:
+    """A random tiny LLaVA-NeXT (anyres: a base view plus a grid of up to 2x2 crops) and its processor.
+
+    ``video``: LLaVA-NeXT-Video instead (frames pooled 2x2 by averaging; a frame-by-frame video processor).
+    """
     pinpoints = _anyres_pinpoints(image_size)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(special_tokens=["<video>"] if video else None)
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         image_grid_pinpoints=pinpoints,
     )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
+    text = {
+        "tokenizer": tokenizer,
+        "patch_size": patch_size,
+        "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1,
+    }
     llava = tiny_llava_config(
         vocab_size=len(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -433,17 +435,40 @@ def build_tiny_llava_next(
         patch_size=patch_size,
         **config_options,
     )
-    config = LlavaNextConfig(
-        vision_config=llava.vision_config,
-        text_config=llava.text_config,
-        image_token_id=llava.image_token_id,
-        image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        pad_token_id=tokenizer.pad_token_id,
+    shared = {
+        "vision_config": llava.vision_config,
+        "text_config": llava.text_config,
+        "image_token_id": llava.image_token_id,
+        "image_grid_pinpoints": pinpoints,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if not video:
+        processor = LlavaNextProcessor(image_processor=image_processor, chat_template=CHAT_TEMPLATE, **text)
+        config = LlavaNextConfig(**shared)
+        model = _seeded_model(LlavaNextForConditionalGeneration, config, seed, attn_implementation, tokenizer, dtype)
+        return model, processor
+    frames = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
-    model = _seeded_model(LlavaNextForConditionalGeneration, config, seed, attn_implementation, tokenizer, dtype)
+    processor = _image_only(LlavaNextVideoProcessor)(
+        video_processor=FrameVideoProcessor(frames),
+        image_processor=image_processor,
+        chat_template=VIDEO_CHAT_TEMPLATE,
+        **text,
+    )
+    video_token = tokenizer.convert_tokens_to_ids("<video>")
+    config = LlavaNextVideoConfig(
+        video_token_id=video_token, spatial_pool_mode="average", spatial_pool_stride=2, **shared
+    )
+    model = _seeded_model(LlavaNextVideoForConditionalGeneration, config, seed, attn_implementation, tokenizer, dtype)
     return model, processor
+
+
+def build_tiny_llava_next_video(**options: object) -> tuple[LlavaNextVideoForConditionalGeneration, LlavaNextProcessor]:
+    """A random tiny LLaVA-NeXT-Video and its processor (:func:`build_tiny_llava_next` with ``video=True``)."""
+    return build_tiny_llava_next(video=True, **options)
 
 
 def build_tiny_llava_onevision(
@@ -557,56 +582,4 @@ def build_tiny_video_llava(
         vision_feature_select_strategy="default",
     )
     model = _seeded_model(VideoLlavaForConditionalGeneration, config, seed, attn_implementation, tokenizer, dtype)
-    return model, processor
-
-
-def build_tiny_llava_next_video(
-    seed: int = 0,
-    image_size: int = 84,
-    patch_size: int = 7,
-    attn_implementation: str = "sdpa",
-    dtype: torch.dtype = torch.float32,
-    **config_options: int | float,
-) -> tuple[LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor]:
-    """A random tiny LLaVA-NeXT-Video (anyres images, 2x2-average-pooled video frames) and its processor."""
-    pinpoints = _anyres_pinpoints(image_size)
-    tokenizer = build_tokenizer(special_tokens=["<video>"])
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_grid_pinpoints=pinpoints,
-    )
-    frame_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    processor = _image_only(LlavaNextVideoProcessor)(
-        video_processor=FrameVideoProcessor(frame_processor),
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=VIDEO_CHAT_TEMPLATE,
-    )
-    llava = tiny_llava_config(
-        vocab_size=len(tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id,
-        image_size=image_size,
-        patch_size=patch_size,
-        **config_options,
-    )
-    config = LlavaNextVideoConfig(
-        vision_config=llava.vision_config,
-        text_config=llava.text_config,
-        image_token_id=llava.image_token_id,
-        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        spatial_pool_mode="average",
-        spatial_pool_stride=2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = _seeded_model(LlavaNextVideoForConditionalGeneration, config, seed, attn_implementation, tokenizer, dtype)
     return model, processor

@@ -43,37 +43,24 @@ class Preset:
     """Frames per video of a video model (Video-LLaVA); 0 for image models."""
 
 
+CLIP_VIT_L_14 = {"patch_size": 14, "vision_hidden": 1024, "vision_intermediate": 4096, "vision_layers": 24}
+CLIP_VIT_L_14["vision_heads"] = 16
+VICUNA_7B = {"text_hidden": 4096, "text_intermediate": 11008, "text_layers": 32, "text_heads": 32}
+VICUNA_7B.update(text_kv_heads=32, vocab_size=32064)
+
 PRESETS = {
     "llava-1.5-7b": Preset(
         "LLaVA-1.5-7B: CLIP ViT-L/14-336 (24 layers, 576 patches) + a 32-layer, 4096-wide Llama (Vicuna-7B)",
         image_size=336,
-        patch_size=14,
-        vision_hidden=1024,
-        vision_intermediate=4096,
-        vision_layers=24,
-        vision_heads=16,
-        text_hidden=4096,
-        text_intermediate=11008,
-        text_layers=32,
-        text_heads=32,
-        text_kv_heads=32,
-        vocab_size=32064,
+        **CLIP_VIT_L_14,
+        **VICUNA_7B,
     ),
     "video-llava-7b": Preset(
         "Video-LLaVA-7B: 8 frames through CLIP ViT-L/14-224 (24 layers, 256 patches each) + Vicuna-7B",
         image_size=224,
-        patch_size=14,
-        vision_hidden=1024,
-        vision_intermediate=4096,
-        vision_layers=24,
-        vision_heads=16,
-        text_hidden=4096,
-        text_intermediate=11008,
-        text_layers=32,
-        text_heads=32,
-        text_kv_heads=32,
-        vocab_size=32064,
         frames=8,
+        **CLIP_VIT_L_14,
+        **VICUNA_7B,
     ),
 }
 
