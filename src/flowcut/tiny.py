@@ -168,6 +168,20 @@ def tiny_llava_config(
     )
 
 
+def _config_for(
+    tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = None, **options: int | float
+) -> LlavaConfig:
+    """:func:`tiny_llava_config` with ``tokenizer``'s image and pad tokens; ``vocab_size`` may exceed its size."""
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size must cover the tokenizer's {len(tokenizer)} tokens, got {vocab_size}")
+    return tiny_llava_config(
+        vocab_size=vocab_size or len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        **options,
+    )
+
+
 def _seeded_model(
     model_class: type,
     config: object,
@@ -204,16 +218,7 @@ def build_tiny_llava(
     """
     processor = build_processor(image_size, patch_size)
     tokenizer = processor.tokenizer
-    if vocab_size is not None and vocab_size < len(tokenizer):
-        raise ValueError(f"vocab_size must cover the tokenizer's {len(tokenizer)} tokens, got {vocab_size}")
-    config = tiny_llava_config(
-        vocab_size=vocab_size or len(tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id,
-        image_size=image_size,
-        patch_size=patch_size,
-        **config_options,
-    )
+    config = _config_for(tokenizer, vocab_size, image_size=image_size, patch_size=patch_size, **config_options)
     model = _seeded_model(LlavaForConditionalGeneration, config, seed, attn_implementation, tokenizer, dtype)
     return model, processor
 
@@ -427,14 +432,7 @@ def build_tiny_llava_next(
         "vision_feature_select_strategy": "default",
         "num_additional_image_tokens": 1,
     }
-    llava = tiny_llava_config(
-        vocab_size=len(tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id,
-        image_size=image_size,
-        patch_size=patch_size,
-        **config_options,
-    )
+    llava = _config_for(tokenizer, image_size=image_size, patch_size=patch_size, **config_options)
     shared = {
         "vision_config": llava.vision_config,
         "text_config": llava.text_config,
@@ -506,12 +504,7 @@ def build_tiny_llava_onevision(
         chat_template=VIDEO_CHAT_TEMPLATE,
         vision_aspect_ratio=f"anyres_max_{max_crops}",
     )
-    llava = tiny_llava_config(
-        vocab_size=len(tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id,
-        **text_options,
-    )
+    llava = _config_for(tokenizer, **text_options)
     vision = SiglipVisionConfig(
         hidden_size=vision_hidden,
         intermediate_size=vision_hidden * 4,
@@ -563,16 +556,7 @@ def build_tiny_video_llava(
         num_additional_image_tokens=1,
         chat_template=VIDEO_CHAT_TEMPLATE,
     )
-    if vocab_size is not None and vocab_size < len(tokenizer):
-        raise ValueError(f"vocab_size must cover the tokenizer's {len(tokenizer)} tokens, got {vocab_size}")
-    llava = tiny_llava_config(
-        vocab_size=vocab_size or len(tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id,
-        image_size=image_size,
-        patch_size=patch_size,
-        **config_options,
-    )
+    llava = _config_for(tokenizer, vocab_size, image_size=image_size, patch_size=patch_size, **config_options)
     config = VideoLlavaConfig(
         vision_config=llava.vision_config,
         text_config=llava.text_config,
