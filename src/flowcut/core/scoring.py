@@ -28,11 +28,18 @@ def row_attention(
 
     This is one row of the attention matrix, O(K·d) per head; the K×K matrix is never formed.
     """
+    return _row_softmax(query_row, key, scaling, alive).mean(dim=1)
+
+
+def _row_softmax(
+    query_row: torch.Tensor, key: torch.Tensor, scaling: float, alive: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-head softmax of one query row over all alive keys: ``(B,H,1,d),(B,H,K,d) -> (B,H,K)``."""
     dtype = score_dtype(query_row.dtype)
     logits = torch.matmul(query_row.to(dtype), key.to(dtype).transpose(-1, -2)).squeeze(-2) * scaling
     if alive is not None:
         logits = logits.masked_fill(~alive[:, None, :], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1)
+    return logits.softmax(dim=-1)
 
 
 def value_l1_norm(value: torch.Tensor) -> torch.Tensor:
@@ -65,10 +72,46 @@ def cls_criteria(
     ``query``/``key``/``value`` are the layer's own ``(B,H,K,d)`` projections. The semantic term
     is unscaled, as in the reference code's vision stage.
     """
-    relation = row_attention(query[:, :, :1], key, scaling, alive)
-    semantic = row_attention(value[:, :, :1], value, 1.0, alive)
-    density = value_l1_norm(value)
-    return CriteriaScores(relation[:, 1:], semantic[:, 1:], density[:, 1:])
+    return criteria_from_head_sums(cls_head_sums(query, key, value, scaling, alive))
+
+
+@dataclass
+class CriteriaHeadSums:
+    """The CLS-view criteria of every patch summed over some heads, before the average over all heads.
+
+    A tensor-parallel vision encoder holds a share of the heads on each rank: summing these terms
+    across ranks (an all-reduce) and then calling :func:`criteria_from_head_sums` gives exactly the
+    criteria of the full set of heads, so every rank selects the same patches.
+    """
+
+    relation: torch.Tensor
+    """``(B, N)``: per head, the softmax of ``q_cls · k_j · scaling`` over all alive tokens, summed over heads."""
+    semantic: torch.Tensor
+    """``(B, N)``: per head, the softmax of ``v_cls · v_j`` over all alive tokens, summed over heads."""
+    value: torch.Tensor
+    """``(B, N, d)``: each patch's value vectors summed over heads."""
+    heads: int
+    """How many heads the sums run over."""
+
+
+def cls_head_sums(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    alive: torch.Tensor | None = None,
+) -> CriteriaHeadSums:
+    """The head sums behind :func:`cls_criteria` for the heads in ``(B,H,K,d)`` projections (CLS at slot 0)."""
+    relation = _row_softmax(query[:, :, :1], key, scaling, alive).sum(dim=1)
+    semantic = _row_softmax(value[:, :, :1], value, 1.0, alive).sum(dim=1)
+    value_sum = value[:, :, 1:].to(score_dtype(value.dtype)).sum(dim=1)
+    return CriteriaHeadSums(relation[:, 1:], semantic[:, 1:], value_sum, heads=query.shape[1])
+
+
+def criteria_from_head_sums(sums: CriteriaHeadSums) -> CriteriaScores:
+    """Head averages of the summed terms: relation, semantic, and density as the L1 norm of the mean value."""
+    heads = sums.heads
+    return CriteriaScores(sums.relation / heads, sums.semantic / heads, (sums.value / heads).abs().sum(dim=-1))
 
 
 def global_query_criteria(
