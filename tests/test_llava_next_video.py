@@ -172,3 +172,29 @@ def test_remove_restores_and_a_stock_prompt_is_explained(family):
     assert torch.equal(last_logits(model, inputs), stock_logits)
     assert "get_video_features" not in model.model.__dict__
     assert "replace_video_token" not in pruned_processor.__dict__
+
+
+def test_an_earlier_failed_pass_or_direct_encoding_does_not_leak_into_the_next_generate(family):
+    _, model, processor, _ = family
+    stock_processor = copy.deepcopy(processor)
+    processor = copy.deepcopy(processor)
+    with flowcut.apply(model, processor=processor, keep=16) as handle:
+        video = processor(text=[VIDEO_PROMPT], videos=[make_video(1)], return_tensors="pt")
+        expected = answer(model, video)
+        with pytest.raises(ValueError, match="but this model keeps"):
+            answer(model, stock_processor(text=[IMAGE_PROMPT], images=[make_image(3)], return_tensors="pt"))
+        assert torch.equal(answer(model, video), expected)
+        image = processor(text=[IMAGE_PROMPT], images=[make_image(3)], return_tensors="pt")
+        with torch.no_grad():
+            model.model.get_image_features(image["pixel_values"], image["image_sizes"])
+        assert torch.equal(answer(model, video), expected)
+        assert handle.last_trace.image_tokens == [] and len(handle.last_trace.video_tokens) == 1
+
+
+def test_beam_search_is_refused_with_an_explanation(family):
+    _, model, processor, _ = family
+    processor = copy.deepcopy(processor)
+    with flowcut.apply(model, processor=processor, keep=16):
+        inputs = processor(text=[VIDEO_PROMPT], videos=[make_video(1)], return_tensors="pt")
+        with pytest.raises(ValueError, match="num_beams > 1 or num_return_sequences > 1 repeats them"):
+            answer(model, inputs, num_beams=2)

@@ -203,3 +203,35 @@ def test_remove_restores_and_errors(qwen):
     for name in ("get_video_features", "get_image_features", "get_rope_index"):
         assert name not in model.model.__dict__
     assert "replace_video_token" not in pruned_processor.__dict__
+
+
+def test_precomputed_encodings_carry_their_own_kept_cells(qwen):
+    """An encoding passed back in keeps its own cells and positions, whatever was encoded in between."""
+    model, processor = qwen
+    processor = copy.deepcopy(processor)
+    with flowcut.apply(model, processor=processor, keep=8):
+        first = inputs_for(processor, [["video"]], videos=[make_video(11)])
+        second = inputs_for(processor, [["video"]], videos=[make_video(12)])
+        with torch.no_grad():
+            expected = model(**first).logits
+            encoded = model.model.get_video_features(first["pixel_values_videos"], first["video_grid_thw"])
+            model.model.get_video_features(second["pixel_values_videos"], second["video_grid_thw"])
+            given = {key: value for key, value in first.items() if key != "pixel_values_videos"}
+            again = model(**given, mm_encoder_outputs={"video": encoded}).logits
+        assert torch.equal(again, expected)
+        with pytest.raises(ValueError, match="num_beams > 1 or num_return_sequences > 1 repeats them"):
+            answer(model, first, num_beams=2)
+
+
+def test_ratio_budget_errors_name_the_ratio_and_traces_name_the_video_grid(qwen):
+    model, processor = qwen
+    processor = copy.deepcopy(processor)
+    with flowcut.apply(model, processor=processor, keep=0.01):
+        with pytest.raises(ValueError, match=r"keep=0\.01 gives the video 1 tokens, fewer than its 2 temporal patches"):
+            inputs_for(processor, [["video"]], videos=[make_video(3)])
+    with flowcut.apply(model, processor=processor, keep=8) as handle:
+        last_logits(
+            model, inputs_for(processor, [["image", "video"]], images=[picture(64, 40, 3)], videos=[make_video(3)])
+        )
+        trace = handle.last_trace
+        assert trace.image_grids == [(8, 5)] and trace.video_grids == [(6, 8)]

@@ -208,3 +208,16 @@ def test_fastv_prunes_images_and_refuses_videos():
     assert len(handle.last_trace.kept_indices[0]) == 18
     with pytest.raises(ValueError, match="covers images only on Video-LLaVA"):
         logits(model, processor(text=[VIDEO_PROMPT], videos=[make_video(0)], return_tensors="pt"))
+
+
+def test_a_video_trace_holds_only_its_own_passs_images(tiny_video):
+    model, processor = tiny_video
+    handle = flowcut.apply(model, processor=processor, keep=18)
+    logits(model, processor(text=[IMAGE_PROMPT], images=[make_image(1)], return_tensors="pt"))
+    assert len(handle.last_trace.images) == 1
+    greedy(model, processor(text=[VIDEO_PROMPT], videos=[make_video(1)], return_tensors="pt"))
+    assert handle.last_trace.images == [] and len(handle.last_trace.videos) == 1
+    with pytest.raises(ValueError, match=r"keep=0\.005 gives the video 3 tokens, fewer than its 4 frames"):
+        handle.remove()
+        flowcut.apply(model, processor=processor, keep=0.005)
+        processor(text=[VIDEO_PROMPT], videos=[make_video(0)], return_tensors="pt")

@@ -60,15 +60,20 @@ def tokens_to_keep(keep: int | float, available: int) -> int:
     return min(keep, available)
 
 
-def frame_budgets(keep: int, frames: int, per_frame: int, parts: str = "frames") -> list[int]:
+def frame_budgets(
+    keep: int, frames: int, per_frame: int, parts: str = "frames", requested: int | float | None = None
+) -> list[int]:
     """Split a video's budget of ``keep`` tokens over ``frames`` frames of ``per_frame`` tokens each.
 
     Every frame gets ``keep // frames``; the remainder goes one token each to the first frames (so
     ``keep=260`` over 8 frames gives 33, 33, 33, 33, 32, 32, 32, 32), and no frame gets more than it
     has. A budget below one token per frame is refused: every frame keeps at least one token.
-    ``parts`` names the frames in that message (Qwen2-VL splits a video by temporal patch).
+    ``parts`` names the frames in that message (Qwen2-VL splits a video by temporal patch);
+    ``requested`` is the configured ``keep`` where ``keep`` was computed from a ratio.
     """
     if keep < frames:
+        if requested is not None and requested != keep:
+            raise ValueError(f"keep={requested} gives the video {keep} tokens, fewer than its {frames} {parts}")
         raise ValueError(f"keep={keep} is less than one token for each of the video's {frames} {parts}")
     base, remainder = divmod(keep, frames)
     return [min(per_frame, base + (frame < remainder)) for frame in range(frames)]

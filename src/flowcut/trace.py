@@ -30,11 +30,14 @@ class PruningTrace:
     image_grids: list[tuple[int, int]] | None = None
     """Per image, its grid (rows, columns) when images differ in size (Qwen2-VL: the merged grid)."""
     videos: list[list[ImageTrace]] | None = None
-    """Per video of the pass, per frame: what the encoder stage kept (frames as images of ``grid_size``)."""
+    """Per video of the pass, per frame: what the encoder stage kept (frames as images of ``grid_size``, or of
+    ``video_grids``)."""
     video_keep: int | float | None = None
     """The budget per video (a ratio where the configuration gave one)."""
     video_tokens: list[tuple[int, int, int]] | None = None
     """Two-stage model families: per video, as ``image_tokens`` for images."""
+    video_grids: list[tuple[int, int]] | None = None
+    """Per video, the grid (rows, columns) of one frame where it differs from ``grid_size`` (Qwen2-VL: merged)."""
 
     @property
     def num_patches(self) -> int:

@@ -100,6 +100,37 @@ def images_key(kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
     return tuple(key) if key else None
 
 
+ENCODING_TAG = "flowcut_media"
+"""Attribute of an encoding made by FlowCut's ``get_*_features``: what the prefill needs to know of its media."""
+
+
+def tag_encoding(output: Any, media: tuple[Any, Any]) -> Any:
+    """``output`` (a ``get_*_features`` result) marked with its media's layouts; ``media[0]`` lists one per item.
+
+    ``generate`` encodes images and videos before its prefill and hands the encodings over; the
+    prefill reads each encoding's own tag instead of guessing which earlier call made it.
+    """
+    setattr(output, ENCODING_TAG, media)
+    return output
+
+
+def encoding_tag(encoding: Any, kind: str) -> Any:
+    """The tag of an encoding of ``kind`` ("image" or "video"), or a clear error where it has none or no longer fits."""
+    media = getattr(encoding, ENCODING_TAG, None)
+    if media is None:
+        raise ValueError(
+            f"these {kind} encodings were not made by this model's get_{kind}_features while FlowCut was "
+            "applied: pass the pixels instead"
+        )
+    if len(encoding.pooler_output) != len(media[0]):
+        raise ValueError(
+            f"{len(encoding.pooler_output)} {kind} encodings for {len(media[0])} encoded {kind}s: generate with "
+            "num_beams > 1 or num_return_sequences > 1 repeats them, which FlowCut's two-stage families do not "
+            "support yet"
+        )
+    return media
+
+
 def _same_images(first: tuple[torch.Tensor, ...] | None, second: tuple[torch.Tensor, ...] | None) -> bool:
     if first is None or second is None:
         return first is second

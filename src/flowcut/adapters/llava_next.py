@@ -43,7 +43,14 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from flowcut.adapters.clip import vision_adapter
-from flowcut.adapters.language import DecoderPruner, decoder_pruner, images_key, prompt_layout
+from flowcut.adapters.language import (
+    DecoderPruner,
+    decoder_pruner,
+    encoding_tag,
+    images_key,
+    prompt_layout,
+    tag_encoding,
+)
 from flowcut.adapters.llava import check_select_strategy, feature_layer_index
 from flowcut.adapters.processor import adapt_processor, check_placeholder_count, restore_processor
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
@@ -293,7 +300,7 @@ class LlavaNextFamily:
             self.base.get_video_features = get_video_features
         self._hooks = [
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            self.model.register_forward_hook(self._after_forward),
+            self.model.register_forward_hook(self._after_forward, always_call=True),
         ]
         if self.pruner is not None:
             self.pruner.install()
@@ -329,7 +336,7 @@ class LlavaNextFamily:
             output = stock(pixel_values, image_sizes, **stock_kwargs)
             if not pruned:
                 self._trace_without_language_stage(target)
-                return output
+                return tag_encoding(output, (layouts, None))
             features = list(output.pooler_output)
         crops_per_image = [
             1 if alone else image_size_to_num_patches(size, self.pinpoints, self.crop_pixels)
@@ -344,7 +351,7 @@ class LlavaNextFamily:
             features[i] = feature
         target.crop_traces = crop_traces
         self._trace_without_language_stage(target)
-        output = BaseModelOutputWithPooling(pooler_output=features)
+        output = tag_encoding(BaseModelOutputWithPooling(pooler_output=features), (layouts, crop_traces))
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
     def _check_settings(self, kwargs: dict[str, Any]) -> None:
@@ -365,7 +372,7 @@ class LlavaNextFamily:
         if layout.frame_keeps is None:
             output = stock(pixel_values_videos, **{key: value for key, value in kwargs.items() if value is not None})
             self._trace_without_language_stage(target)
-            return output
+            return tag_encoding(output, (target.videos, None))
         keeps = layout.frame_keeps * videos
         settings = stage_settings(self.config, max(keeps), self.feature_layer)
         with self.encoder.session():
@@ -375,7 +382,7 @@ class LlavaNextFamily:
         features = torch.stack([torch.cat(tokens[video * frames : (video + 1) * frames]) for video in range(videos)])
         target.frame_traces = [stage.images[video * frames : (video + 1) * frames] for video in range(videos)]
         self._trace_without_language_stage(target)
-        output = BaseModelOutputWithPooling(pooler_output=features)
+        output = tag_encoding(BaseModelOutputWithPooling(pooler_output=features), (target.videos, target.frame_traces))
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
     @staticmethod
@@ -442,9 +449,13 @@ class LlavaNextFamily:
             # This pass encodes its media itself, after this hook: the encodings fill this prompt.
             self.prompt = self._pending = _Prompt(layouts, None, video_layouts, None)
         elif encoded.get("image") is not None or encoded.get("video") is not None:
-            # Encoded by generate through this instance's get_*_features before its prefill; later
-            # uncached passes of the same generate bring the same encodings again.
-            self.prompt = self._pending if self._pending is not None else self.prompt
+            # Encoded by generate through this instance's get_*_features before its prefill (later
+            # uncached passes bring the same encodings): each encoding carries its own layouts.
+            image, video = encoded.get("image"), encoded.get("video")
+            layouts, crop_traces = encoding_tag(image, "image") if image is not None else ([], None)
+            videos, frame_traces = encoding_tag(video, "video") if video is not None else ([], None)
+            self.prompt = _Prompt(layouts, crop_traces, videos, frame_traces)
+            self._pending = None
         else:
             self.prompt = None
         prompt = self.prompt or _Prompt()

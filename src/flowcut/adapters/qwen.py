@@ -29,7 +29,14 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from flowcut.adapters.language import DecoderPruner, decoder_pruner, images_key, prompt_layout
+from flowcut.adapters.language import (
+    DecoderPruner,
+    decoder_pruner,
+    encoding_tag,
+    images_key,
+    prompt_layout,
+    tag_encoding,
+)
 from flowcut.adapters.processor import adapt_processor, check_placeholder_count, restore_processor
 from flowcut.adapters.qwen_vision import QwenVisionAdapter
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
@@ -107,8 +114,6 @@ class QwenFamily:
         self.image_token_id = model.config.image_token_id
         self.video_token_id = model.config.video_token_id
         self.prompt: _Prompt | None = None
-        self._encoded: dict[str, tuple[torch.Tensor, list[_Media]]] = {}
-        """Per kind, the grids and media the last ``get_*_features`` call encoded (``generate`` encodes first)."""
         self._prompt_ids: torch.Tensor | None = None
         self._media_order: list[tuple[int, int]] = []
         self._hook = None
@@ -143,7 +148,8 @@ class QwenFamily:
         if self.config.method != "flowcut":
             return budget, [per_slice] * slices
         return budget, [
-            min(per_slice, 2 * share) for share in frame_budgets(budget, slices, per_slice, "temporal patches")
+            min(per_slice, 2 * share)
+            for share in frame_budgets(budget, slices, per_slice, "temporal patches", self.config.keep)
         ]
 
     def _media(self, grid_thw: torch.Tensor | None) -> list[_Media]:
@@ -198,7 +204,6 @@ class QwenFamily:
         if self.pruner is not None:
             self.pruner.remove()
         self.prompt = None
-        self._encoded = {}
 
     def encode(
         self, kind: str, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None, **kwargs: Any
@@ -212,11 +217,11 @@ class QwenFamily:
         if grid_thw is None:
             raise ValueError(f"FlowCut's Qwen encoder stage needs {kind}_grid_thw (the processor returns it)")
         items = self._media(grid_thw)
-        self._encoded[kind] = (grid_thw, items)
         if all(item.placeholders == item.cells for item in items):
             # No item is over its encoder budget: the stock tower, bit for bit.
             stock = getattr(type(self.base), f"get_{kind}_features")
-            return stock(self.base, pixel_values, grid_thw, **kwargs)
+            output = stock(self.base, pixel_values, grid_thw, **kwargs)
+            return tag_encoding(output, (items, grid_thw)) if isinstance(output, BaseModelOutputWithPooling) else output
         slice_grid_thw = grid_thw.repeat_interleave(grid_thw[:, 0], dim=0)
         slice_grid_thw[:, 0] = 1
         counts = [item.cells_per_slice for item in items for _ in range(item.slices)]
@@ -236,6 +241,7 @@ class QwenFamily:
             pooled.append(torch.cat([features[index] for index in slices]))
             first += item.slices
         output = BaseModelOutputWithPooling(last_hidden_state=stage.hidden_states, pooler_output=tuple(pooled))
+        tag_encoding(output, (items, grid_thw))
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
     def rope_index(
@@ -335,7 +341,7 @@ class QwenFamily:
         """The pass's items of one kind and their grids, encoded here when the pass brings their pixels.
 
         ``kwargs`` is updated (pixels replaced by ``mm_encoder_outputs``). ``generate`` encodes first
-        and drops the grids from the pass's arguments; the grids come from that encoding then.
+        and drops the grids from the pass's arguments; each encoding carries its own items and grids.
         """
         pixels_name = "pixel_values" if kind == "image" else "pixel_values_videos"
         grid = kwargs.get(f"{kind}_grid_thw")
@@ -346,13 +352,10 @@ class QwenFamily:
             output = self.encode(kind, kwargs[pixels_name], grid)
             kwargs[pixels_name] = None
             kwargs["mm_encoder_outputs"] = {**encoded, kind: output}
-            return self._encoded[kind][1], grid
+            return encoding_tag(output, kind)
         if encoded.get(kind) is None:
             return [], None
-        stored = self._encoded.get(kind)
-        if stored is not None and (grid is None or torch.equal(stored[0], grid)):
-            return stored[1], stored[0]
-        return self._media(grid), grid
+        return encoding_tag(encoded[kind], kind)
 
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
         """Encode the media first (so their kept cells are known), fix the positions, prepare the pruner.
@@ -473,10 +476,9 @@ class QwenFamily:
         def tokens(items: list[_Media], cells: list[torch.Tensor]) -> list[tuple[int, int, int]]:
             return [(item.cells, item.placeholders, len(kept)) for item, kept in zip(items, cells, strict=True)]
 
-        first = prompt.media[0]
         trace = PruningTrace(
             image_traces,
-            first.grid,
+            prompt.media[0].grid,
             self.config.keep,
             self.encoder.num_layers - 1,
             positions,
@@ -485,6 +487,7 @@ class QwenFamily:
             videos=video_traces if prompt.videos else None,
             video_keep=self.config.keep if prompt.videos else None,
             video_tokens=tokens(prompt.videos, kept_cells[VIDEO]) if prompt.videos else None,
+            video_grids=[item.grid for item in prompt.videos] if prompt.videos else None,
         )
         self.on_trace(trace)
 

@@ -62,7 +62,8 @@ class VideoLlavaFamily(LlavaFamily):
             return stock
         patches = frames * self.video_encoder.num_patches
         if isinstance(self.video_keep, float):
-            return sum(frame_budgets(tokens_to_keep(self.video_keep, patches), frames, self.video_encoder.num_patches))
+            budget = tokens_to_keep(self.video_keep, patches)
+            return sum(frame_budgets(budget, frames, self.video_encoder.num_patches, requested=self.video_keep))
         if self.video_keep >= stock:
             return stock
         return sum(frame_budgets(min(self.video_keep, patches), frames, self.video_encoder.num_patches))
@@ -82,11 +83,17 @@ class VideoLlavaFamily(LlavaFamily):
             return family.video_features(stock, pixel_values_videos, vision_feature_layer, **kwargs)
 
         self.base.get_video_features = get_video_features
+        # A pass's images must not join a later pass's videos in a trace, even after an error.
+        self._clear_hook = self.model.register_forward_hook(self._forget_images, always_call=True)
 
     def uninstall(self) -> None:
         """Restore the instance exactly as it was before :meth:`install`."""
         self.base.__dict__.pop("get_video_features", None)
+        self._clear_hook.remove()
         super().uninstall()
+
+    def _forget_images(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self._pass_images = None
 
     def video_features(
         self,
