@@ -21,7 +21,13 @@ import torch
 
 from flowcut.adapters.attention import RECORDING_ATTENTION, resolve_attention
 from flowcut.core.encoder_stage import AttentionRecorder
-from flowcut.core.language_stage import kept_per_image, kept_positions, last_real_positions, last_token_scores
+from flowcut.core.language_stage import (
+    kept_per_image,
+    kept_positions,
+    last_real_positions,
+    last_token_scores,
+    media_budgets,
+)
 
 Budgets = Callable[[torch.Tensor], tuple[list[list[int]], list[list[int]]]]
 """From a ``(B, L)`` visual-token mask: per row, the lengths of its images and their budgets."""
@@ -98,6 +104,21 @@ def images_key(kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
         elif encoded is not None and encoded.pooler_output is not None:
             key.extend(feature.detach() for feature in encoded.pooler_output)
     return tuple(key) if key else None
+
+
+def prompt_order_budgets(
+    prompt_ids: torch.Tensor, visual: torch.Tensor, media: dict[int, list[Any]]
+) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int]]]:
+    """:func:`~flowcut.core.language_stage.media_budgets` for items that tell their ``placeholders`` and ``budget``.
+
+    ``media`` maps a placeholder token id to its items in batch order; ``prompt_ids`` may run past
+    ``visual`` (an uncached pass that continues the prompt): only the prompt's part is read.
+    """
+    counts = {
+        token: ([item.placeholders for item in items], [item.budget for item in items])
+        for token, items in media.items()
+    }
+    return media_budgets(prompt_ids[:, : visual.shape[1]], visual, counts)
 
 
 ENCODING_TAG = "flowcut_media"

@@ -49,13 +49,13 @@ from flowcut.adapters.language import (
     encoding_tag,
     images_key,
     prompt_layout,
+    prompt_order_budgets,
     tag_encoding,
 )
 from flowcut.adapters.llava import check_select_strategy, feature_layer_index
-from flowcut.adapters.processor import adapt_processor, check_placeholder_count, restore_processor
+from flowcut.adapters.processor import adapt_processor, check_media_placeholders, restore_processor
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace, run_encoder_stage
-from flowcut.core.language_stage import media_budgets
 from flowcut.methods import available_method
 from flowcut.methods.flowcut import stage_settings
 from flowcut.trace import PruningTrace
@@ -235,15 +235,11 @@ class LlavaNextFamily:
         """Per row, the placeholder count and budget of each of its images and videos, in prompt order."""
         if self.prompt is None or self._prompt_ids is None:
             raise RuntimeError("the language-model stage ran without its images' layouts")
-        media = {self.image_token_id: self._counts(self.prompt.layouts)}
+        media = {self.image_token_id: self.prompt.layouts}
         if self.video_token_id is not None:
-            media[self.video_token_id] = self._counts(self.prompt.videos)
-        lengths, keeps, self._media_order = media_budgets(self._prompt_ids[:, : visual.shape[1]], visual, media)
+            media[self.video_token_id] = self.prompt.videos
+        lengths, keeps, self._media_order = prompt_order_budgets(self._prompt_ids, visual, media)
         return lengths, keeps
-
-    @staticmethod
-    def _counts(layouts: list[ImageLayout] | list[VideoLayout]) -> tuple[list[int], list[int]]:
-        return [lay.placeholders for lay in layouts], [lay.budget for lay in layouts]
 
     def _pending_prompt(self) -> _Prompt:
         """The prompt the current encoding belongs to (a new one when ``generate`` encodes before its prefill)."""
@@ -460,14 +456,10 @@ class LlavaNextFamily:
             self.prompt = None
         prompt = self.prompt or _Prompt()
         if input_ids is not None:
-            for token_id, items, kind in (
-                (self.image_token_id, prompt.layouts, "image"),
-                (self.video_token_id, prompt.videos, "video"),
-            ):
-                if items:
-                    placeholders = int((input_ids == token_id).sum())
-                    expected = sum(lay.placeholders for lay in items)
-                    check_placeholder_count(placeholders, expected, sum(lay.stock_tokens for lay in items), kind=kind)
+            check_media_placeholders(
+                input_ids,
+                [(self.image_token_id, prompt.layouts, "image"), (self.video_token_id, prompt.videos, "video")],
+            )
         if self.pruner is not None:
             language_prunes = any(lay.budget < lay.placeholders for lay in prompt.layouts + prompt.videos)
             if language_prunes and input_ids is None:

@@ -99,6 +99,19 @@ def check_placeholder_count(
     )
 
 
+def check_media_placeholders(input_ids: Any, media: list[tuple[int | None, list[Any], str]]) -> None:
+    """:func:`check_placeholder_count` for each kind of media of a prompt batch.
+
+    ``media`` holds ``(placeholder token id, items, kind)``; each item tells its ``placeholders``
+    (with pruning) and ``stock_tokens`` (without). Kinds without items are skipped.
+    """
+    for token_id, items, kind in media:
+        if items:
+            placeholders = int((input_ids == token_id).sum())
+            expected = sum(item.placeholders for item in items)
+            check_placeholder_count(placeholders, expected, sum(item.stock_tokens for item in items), kind=kind)
+
+
 def restore_processor(processor: Any) -> None:
     """Undo :func:`adapt_processor`."""
     for name in ("replace_image_token", "_get_num_multimodal_tokens", "replace_video_token"):

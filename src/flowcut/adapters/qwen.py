@@ -35,13 +35,13 @@ from flowcut.adapters.language import (
     encoding_tag,
     images_key,
     prompt_layout,
+    prompt_order_budgets,
     tag_encoding,
 )
-from flowcut.adapters.processor import adapt_processor, check_placeholder_count, restore_processor
+from flowcut.adapters.processor import adapt_processor, check_media_placeholders, restore_processor
 from flowcut.adapters.qwen_vision import QwenVisionAdapter
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace, run_encoder_stage
-from flowcut.core.language_stage import media_budgets
 from flowcut.methods import available_method
 from flowcut.methods.flowcut import stage_settings
 from flowcut.trace import PruningTrace
@@ -78,6 +78,8 @@ class _Media:
     def cells(self) -> int:
         """Tokens of the item in the unpruned model."""
         return self.slices * self.cells_per_slice
+
+    stock_tokens = cells
 
     @property
     def placeholders(self) -> int:
@@ -426,26 +428,16 @@ class QwenFamily:
 
     def _check_placeholders(self, input_ids: torch.Tensor, images: list[_Media], videos: list[_Media]) -> None:
         """Explain a placeholder count that was made for the unpruned model before the model's own check fails."""
-        for token_id, items, kind in ((self.image_token_id, images, "image"), (self.video_token_id, videos, "video")):
-            placeholders = int((input_ids == token_id).sum())
-            expected = sum(item.placeholders for item in items)
-            check_placeholder_count(placeholders, expected, sum(item.cells for item in items), kind=kind)
+        check_media_placeholders(
+            input_ids, [(self.image_token_id, images, "image"), (self.video_token_id, videos, "video")]
+        )
 
     def _budgets(self, visual: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
         """Per row, the placeholder count and budget of each of its images and videos, in prompt order."""
         if self.prompt is None or self._prompt_ids is None:
             raise RuntimeError("the language-model stage ran without the media's grids (pass image/video_grid_thw)")
-        media = {
-            self.image_token_id: (
-                [item.placeholders for item in self.prompt.images],
-                [i.budget for i in self.prompt.images],
-            ),
-            self.video_token_id: (
-                [item.placeholders for item in self.prompt.videos],
-                [i.budget for i in self.prompt.videos],
-            ),
-        }
-        lengths, keeps, self._media_order = media_budgets(self._prompt_ids[:, : visual.shape[1]], visual, media)
+        media = {self.image_token_id: self.prompt.images, self.video_token_id: self.prompt.videos}
+        lengths, keeps, self._media_order = prompt_order_budgets(self._prompt_ids, visual, media)
         return lengths, keeps
 
     # -- traces -------------------------------------------------------------------------------
