@@ -103,6 +103,8 @@ def test_prompt_uses_chat_template():
     processor.chat_template = None
     assert build_prompt(processor, "hi") == "USER: <image>\nhi ASSISTANT:"
     assert build_prompt(processor, "USER: <image> x") == "USER: <image> x"
+    assert build_prompt(processor, "hi", "video") == "USER: <video>\nhi ASSISTANT:"
+    assert build_prompt(processor, "<|video_pad|> x", "video") == "<|video_pad|> x"
 
 
 def test_version():

@@ -7,18 +7,22 @@ from typing import Any
 
 import torch
 
+PLACEHOLDERS = {"image": ("<image>",), "video": ("<video>", "<|video_pad|>")}
+"""Per kind of media, the placeholders that mark a question as a complete prompt already."""
 
-def build_prompt(processor: Any, question: str) -> str:
-    """The model's chat format around one image and the question (a LLaVA-1.5 prompt without a template).
 
-    A question that already holds ``<image>`` is taken as a complete prompt.
+def build_prompt(processor: Any, question: str, kind: str = "image") -> str:
+    """The model's chat format around one image (or video, ``kind="video"``) and the question.
+
+    Without a chat template this is a LLaVA-1.5 prompt. A question that already holds the kind's
+    placeholder (``<image>``; ``<video>`` or Qwen's ``<|video_pad|>``) is taken as a complete prompt.
     """
-    if "<image>" in question:
+    if any(placeholder in question for placeholder in PLACEHOLDERS[kind]):
         return question
     if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"USER: <image>\n{question} ASSISTANT:"
+    return f"USER: <{kind}>\n{question} ASSISTANT:"
 
 
 def prompt_inputs(
@@ -35,20 +39,10 @@ def prompt_inputs(
     return inputs
 
 
-def build_video_prompt(processor: Any, question: str) -> str:
-    """The model's chat format around one video and the question (``<video>`` prompts kept as they are)."""
-    if "<video>" in question or "<|video_pad|>" in question:
-        return question
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"USER: <video>\n{question} ASSISTANT:"
-
-
 def video_prompt_inputs(
     processor: Any, frames: Any, question: str, device: torch.device | str, dtype: torch.dtype
 ) -> Any:
     """Processor inputs for one question about one video (``frames``: ``(F, H, W, 3)``), pixels in ``dtype``."""
-    inputs = processor(videos=[frames], text=build_video_prompt(processor, question), return_tensors="pt").to(device)
+    inputs = processor(videos=[frames], text=build_prompt(processor, question, "video"), return_tensors="pt").to(device)
     inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(dtype)
     return inputs
