@@ -41,7 +41,7 @@ def test_benchmark_measures_every_setting_each_round(tiny):
         2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
     )
     assert unpruned.kv_cache_bytes - pruned.kv_cache_bytes == (144 - KEEP) * per_token
-    vision, language = model_shapes(model)
+    vision, _, language = model_shapes(model)
     prompt = unpruned.prompt_tokens
     assert unpruned.flops == prefill_flops(vision, language, [144] * vision.layers, 144, prompt)
     assert pruned.visual_tokens == KEEP and pruned.flops.total < unpruned.flops.total
@@ -70,7 +70,7 @@ def test_fastv_prefill_flops_count_the_shorter_later_layers(tmp_path):
     model, processor = build_tiny_llava(seed=0, text_layers=4)
     settings = [BenchSetting(None), BenchSetting("fastv", KEEP)]
     unpruned, fastv = benchmark(model, processor, make_image(1), "what ?", settings, rounds=1, warmup=0, new_tokens=2)
-    vision, language = model_shapes(model)
+    vision, _, language = model_shapes(model)
     length = unpruned.prompt_tokens + 144
     expected = prefill_flops(
         vision, language, [144] * vision.layers, 144, unpruned.prompt_tokens, [length] * 2 + [length - 128] * 2
@@ -119,5 +119,78 @@ def test_preset_has_the_published_shapes_and_runs_in_smoke_mode(tmp_path):
     unknown = CliRunner().invoke(app, ["bench", "--preset", "llava-13b", "--no-plot"])
     assert (
         unknown.exit_code == 2
-        and "unknown preset 'llava-13b'; available: llava-1.5-7b, video-llava-7b" in unknown.output
+        and "unknown preset 'llava-13b'; available: llava-1.5-7b, video-llava-7b, llava-next-7b, qwen2-vl-7b"
+        in unknown.output
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "budget", "visual"),
+    [("llava-next-7b", "160", [2928, 160]), ("qwen2-vl-7b", "64", [576, 64])],
+)
+def test_two_stage_presets_run_in_smoke_mode_at_their_reference_resolution(tmp_path, name, budget, visual):
+    """LLaVA-NeXT's 672-px picture is 4 crops + the base view (2,928 tokens); Qwen2-VL's gives 576 merged tokens."""
+    arguments = ["bench", "--preset", name, "--smoke", "--text-layers", "3", "--no-plot", "--no-generate"]
+    options = ["--methods", "flowcut,fastv", "--budgets", budget, "--rounds", "1", "--warmup", "0"]
+    result = CliRunner().invoke(app, [*arguments, *options, "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [row["visual_tokens"] for row in rows] == [*visual, int(budget)]
+    unpruned, pruned, fastv = rows
+    assert unpruned["timings"]["generate"] == [] and unpruned["decode_tokens_per_second"] is None
+    # FlowCut prunes in the encoder: less vision work; FastV leaves the encoder whole.
+    assert pruned["flops"]["vision"] < unpruned["flops"]["vision"] == fastv["flops"]["vision"]
+    assert pruned["flops"]["total"] < fastv["flops"]["total"] < unpruned["flops"]["total"]
+    assert len(pruned["timings"]["scoring"]) == 1 and pruned["timings"]["scoring"][0] > 0
+    assert pruned["peak_prefill_bytes"] > 0 and pruned["kv_cache_bytes"] < unpruned["kv_cache_bytes"]
+    assert "| – |" in (tmp_path / "bench.md").read_text()  # no generation: its columns say so
+
+
+def test_two_stage_preset_shapes_are_the_published_ones():
+    from flowcut.bench.presets import PRESETS, build_preset
+
+    next_7b, qwen = PRESETS["llava-next-7b"], PRESETS["qwen2-vl-7b"]
+    assert (next_7b.vision_hidden, next_7b.text_hidden, next_7b.picture_size) == (1024, 4096, 672)
+    assert (qwen.vision_hidden, qwen.vision_intermediate, qwen.vision_layers) == (1280, 5120, 32)
+    assert (qwen.text_hidden, qwen.text_intermediate, qwen.text_layers, qwen.text_kv_heads) == (3584, 18944, 28, 4)
+    model, _ = build_preset("qwen2-vl-7b", text_layers=3, smoke=True)
+    vision, text = model.config.vision_config, model.config.text_config
+    assert (vision.embed_dim, vision.mlp_ratio, vision.depth, text.vocab_size) == (80, 4, 32, 152064)
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "llava-next"])
+def test_two_stage_traces_carry_the_scoring_time_through_generate(family):
+    """generate() encodes before its prefill; the encodings bring their scoring time to the prefill's trace."""
+    import torch
+
+    import flowcut
+    from flowcut.prompting import prompt_inputs
+    from flowcut.tiny import build_tiny_llava_next, build_tiny_qwen
+
+    if family == "qwen2-vl":
+        model, processor = build_tiny_qwen("2", max_pixels=64 * 64)
+        image = make_image(0).resize((64, 64))
+    else:
+        model, processor = build_tiny_llava_next(text_layers=3)
+        image = make_image(0).resize((168, 168))
+    for timed in (True, False):
+        with flowcut.apply(model, processor=processor, config=FlowCutConfig(keep=8, time_scoring=timed)) as handle:
+            inputs = prompt_inputs(processor, image, "what ?", torch.device("cpu"), torch.float32)
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            scoring = handle.last_trace.scoring_ms
+            assert (scoring > 0) if timed else (scoring is None)
+
+
+def test_families_without_a_flop_model_are_timed_with_flops_left_out():
+    """Qwen2.5-VL's windowed attention has no analytic count yet: its FLOP cells say "–", nothing is made up."""
+    from flowcut.bench.run import to_dict
+    from flowcut.tiny import build_tiny_qwen
+
+    model, processor = build_tiny_qwen("2.5", max_pixels=64 * 64)
+    settings = [BenchSetting(None), BenchSetting("flowcut", 4)]
+    results = benchmark(model, processor, make_image(0).resize((64, 64)), "what ?", settings, rounds=1, warmup=0)
+    assert [result.flops for result in results] == [None, None]
+    assert [result.visual_tokens for result in results] == [64, 4]
+    assert to_dict(results, environment(model))["results"][1]["flops"] is None
+    row = to_markdown(results, environment(model)).splitlines()[-1]
+    assert row.startswith("| flowcut@4 | 4 |") and row.count("| – |") == 2  # GFLOPs and FLOP-bound speed-up

@@ -9,7 +9,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import flowcut
 from conftest import make_image
 from flowcut.bench.flops import TextShape, VisionShape, prefill_flops, scoring_flops, vision_layer_flops
-from flowcut.tiny import build_tiny_llava
+from flowcut.bench.run import BenchSetting, _result
+from flowcut.prompting import prompt_inputs
+from flowcut.tiny import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen
 
 PROMPT = "USER: <image>\nwhat colour is the circle ? ASSISTANT:"
 
@@ -83,3 +85,26 @@ def test_flowcut_prefill_matches_the_flop_counter(eager):
     stock_layers = [vision.num_patches] * vision.layers
     stock = prefill_flops(vision, text, stock_layers, vision.num_patches, length - 16, head_tokens=length)
     assert expected.total < stock.total / 2
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "llava-next"])
+def test_two_stage_family_prefill_flops_match_the_flop_counter(family):
+    """Stock: exact. Pruned: the analytic count plus FlowCut's own scoring products, which it leaves out (< 1 %)."""
+    if family == "qwen2-vl":
+        model, processor = build_tiny_qwen("2", attn_implementation="eager", max_pixels=64 * 64)
+        image = make_image(0).resize((64, 64))
+    else:  # 168 px: a 2x2 grid of 84-px crops plus the base view
+        model, processor = build_tiny_llava_next(attn_implementation="eager", text_layers=3)
+        image = make_image(0).resize((168, 168))
+    for setting in (BenchSetting(None), BenchSetting("flowcut", 8), BenchSetting("fastv", 8)):
+        handle = None if setting.method is None else flowcut.apply(model, processor=processor, config=setting.config())
+        inputs = prompt_inputs(processor, image, "what colour is it ?", torch.device("cpu"), torch.float32)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            output = model(**inputs, use_cache=True, logits_to_keep=1)
+        expected = _result(model, setting, handle, inputs, output, 2).flops.total
+        counted = counter.get_total_flops()
+        if handle is None:
+            assert counted == expected
+        else:
+            handle.remove()
+            assert 0 < counted - expected < expected / 100, setting.label

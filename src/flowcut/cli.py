@@ -416,6 +416,10 @@ def bench(
     rounds: Annotated[int, typer.Option(help="Measured rounds (each setting once per round, interleaved).")] = 5,
     warmup: Annotated[int, typer.Option(help="Unrecorded rounds first.")] = 1,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per round.")] = 8,
+    generate: Annotated[
+        bool, typer.Option(help="Time generation too; --no-generate times the encoder and prefill only.")
+    ] = True,
+    memory: Annotated[bool, typer.Option(help="Measure each setting's peak prefill memory (one extra pass).")] = True,
     output: Annotated[Path, typer.Option(help="Directory for bench.md, bench.json and bench.png.")] = Path(
         "bench-results"
     ),
@@ -423,8 +427,8 @@ def bench(
     preset: Annotated[
         str | None,
         typer.Option(
-            help="Random weights at a published model's shapes instead of --model: llava-1.5-7b, video-llava-7b "
-            "(a video of shapes-VQA pictures unless --video is given)."
+            help="Random weights at a published model's shapes instead of --model: llava-1.5-7b, llava-next-7b, "
+            "qwen2-vl-7b, video-llava-7b (a video of shapes-VQA pictures unless --video is given)."
         ),
     ] = None,
     text_layers: Annotated[
@@ -477,6 +481,9 @@ def bench(
     elif frames is not None and clip is None:
         _fail("--frames applies to --video and to video presets")
     picture = _open_image(image) if image is not None else make_sample("test", 1).image
+    if image is None and preset is not None and preset in PRESETS and PRESETS[preset].picture_size:
+        side = PRESETS[preset].picture_size  # the preset's reference resolution (LLaVA-NeXT: 2×2 crops)
+        picture = picture.resize((side, side))
     device, dtype = _resolve_device_dtype(device, dtype)
     if preset is None:
         if text_layers is not None or smoke:
@@ -507,6 +514,8 @@ def bench(
             warmup=warmup,
             new_tokens=new_tokens,
             video=clip,
+            generate=generate,
+            memory=memory,
         )
     except (TypeError, ValueError) as error:
         _fail(str(error))

@@ -328,11 +328,17 @@ def build_tiny_qwen(
     max_pixels: int = 64 * 64,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    vision_intermediate: int | None = None,
+    text_intermediate: int | None = None,
+    text_kv_heads: int | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor]:
     """A random tiny Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) and its processor.
 
     Images are resized by the processor's own dynamic-resolution rule (multiples of
     ``2 * patch_size``, at most ``max_pixels``); Qwen2.5-VL's windows span ``window_size`` pixels.
+    Widths default to twice the hidden sizes and half as many key-value heads; ``vocab_size`` may
+    exceed the tokenizer's (a model-sized embedding and output layer for timing).
     """
     if version not in QWEN_VERSIONS:
         raise ValueError(f"unknown Qwen version {version!r}; available: {', '.join(QWEN_VERSIONS)}")
@@ -343,6 +349,9 @@ def build_tiny_qwen(
         merge_size=2,
         size={"shortest_edge": (2 * patch_size) ** 2, "longest_edge": max_pixels},
     )
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size must cover the tokenizer's {len(tokenizer)} tokens, got {vocab_size}")
+    vision_intermediate = vision_intermediate or vision_hidden * 2
     head_dim = text_hidden // text_heads
     quarter = head_dim // 2 // 4
     rope = {
@@ -351,12 +360,12 @@ def build_tiny_qwen(
         "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter],
     }
     text = {
-        "vocab_size": len(tokenizer),
+        "vocab_size": vocab_size or len(tokenizer),
         "hidden_size": text_hidden,
-        "intermediate_size": text_hidden * 2,
+        "intermediate_size": text_intermediate or text_hidden * 2,
         "num_hidden_layers": text_layers,
         "num_attention_heads": text_heads,
-        "num_key_value_heads": max(1, text_heads // 2),
+        "num_key_value_heads": text_kv_heads or max(1, text_heads // 2),
         "max_position_embeddings": 4096,
         "rope_parameters": rope,
         "pad_token_id": tokenizer.pad_token_id,
@@ -378,13 +387,15 @@ def build_tiny_qwen(
         "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
     }
     if version == "2":
-        vision.update(embed_dim=vision_hidden, hidden_size=text_hidden, mlp_ratio=2)
+        if vision_intermediate % vision_hidden:
+            raise ValueError(f"Qwen2-VL needs vision_intermediate to be a multiple of vision_hidden ({vision_hidden})")
+        vision.update(embed_dim=vision_hidden, hidden_size=text_hidden, mlp_ratio=vision_intermediate // vision_hidden)
         config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
         model_class, processor_class = Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     else:
         vision.update(
             hidden_size=vision_hidden,
-            intermediate_size=vision_hidden * 2,
+            intermediate_size=vision_intermediate,
             out_hidden_size=text_hidden,
             window_size=window_size,
             fullatt_block_indexes=[vision_layers // 2 - 1, vision_layers - 1],

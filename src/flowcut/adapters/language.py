@@ -125,14 +125,26 @@ ENCODING_TAG = "flowcut_media"
 """Attribute of an encoding made by FlowCut's ``get_*_features``: what the prefill needs to know of its media."""
 
 
-def tag_encoding(output: Any, media: tuple[Any, Any]) -> Any:
+SCORING_TAG = "flowcut_scoring_seconds"
+"""Attribute of such an encoding under ``time_scoring``: seconds its encoder stage spent scoring and selecting."""
+
+
+def tag_encoding(output: Any, media: tuple[Any, Any], scoring_seconds: float | None = None) -> Any:
     """``output`` (a ``get_*_features`` result) marked with its media's layouts; ``media[0]`` lists one per item.
 
     ``generate`` encodes images and videos before its prefill and hands the encodings over; the
     prefill reads each encoding's own tag instead of guessing which earlier call made it.
     """
     setattr(output, ENCODING_TAG, media)
+    setattr(output, SCORING_TAG, scoring_seconds)
     return output
+
+
+def scoring_seconds(*encodings: Any) -> float | None:
+    """The scoring time of tagged encodings together, or None where none was timed."""
+    timed = [getattr(encoding, SCORING_TAG, None) for encoding in encodings if encoding is not None]
+    timed = [seconds for seconds in timed if seconds is not None]
+    return sum(timed) if timed else None
 
 
 def encoding_tag(encoding: Any, kind: str) -> Any:

@@ -50,12 +50,13 @@ from flowcut.adapters.language import (
     images_key,
     prompt_layout,
     prompt_order_budgets,
+    scoring_seconds,
     tag_encoding,
 )
 from flowcut.adapters.llava import check_select_strategy, feature_layer_index
 from flowcut.adapters.processor import adapt_processor, check_media_placeholders, restore_processor
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
-from flowcut.core.encoder_stage import ImageTrace, run_encoder_stage
+from flowcut.core.encoder_stage import EncoderStageOutput, ImageTrace, run_encoder_stage
 from flowcut.methods import available_method
 from flowcut.methods.flowcut import stage_settings
 from flowcut.trace import PruningTrace
@@ -114,6 +115,13 @@ class _Prompt:
     videos: list[VideoLayout] = field(default_factory=list)
     frame_traces: list[list[ImageTrace]] | None = None
     """Per video, per frame: what the encoder stage kept (None where the videos took the stock path)."""
+    scoring_seconds: float | None = None
+    """With ``time_scoring``: the encoder stage's scoring and selection time over the pass's media."""
+
+    def add_scoring(self, seconds: float | None) -> None:
+        """Count one encoder stage's scoring time (None: not timed)."""
+        if seconds is not None:
+            self.scoring_seconds = (self.scoring_seconds or 0.0) + seconds
 
 
 class LlavaNextFamily:
@@ -342,12 +350,14 @@ class LlavaNextFamily:
             crops = [image[:count] for image, count in zip(pixel_values, crops_per_image, strict=True)]
         else:
             crops = list(pixel_values.split(crops_per_image))
-        features_pruned, crop_traces = self._prune_images([crops[i] for i in pruned], [layouts[i] for i in pruned])
+        features_pruned, stage = self._prune_images([crops[i] for i in pruned], [layouts[i] for i in pruned])
         for i, feature in zip(pruned, features_pruned, strict=True):
             features[i] = feature
-        target.crop_traces = crop_traces
+        target.crop_traces = stage.images
+        target.add_scoring(stage.scoring_seconds)
         self._trace_without_language_stage(target)
-        output = tag_encoding(BaseModelOutputWithPooling(pooler_output=features), (layouts, crop_traces))
+        output = BaseModelOutputWithPooling(pooler_output=features)
+        tag_encoding(output, (layouts, stage.images), stage.scoring_seconds)
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
     def _check_settings(self, kwargs: dict[str, Any]) -> None:
@@ -377,8 +387,10 @@ class LlavaNextFamily:
         tokens = [projected[row, :count] for row, count in enumerate(stage.counts)]
         features = torch.stack([torch.cat(tokens[video * frames : (video + 1) * frames]) for video in range(videos)])
         target.frame_traces = [stage.images[video * frames : (video + 1) * frames] for video in range(videos)]
+        target.add_scoring(stage.scoring_seconds)
         self._trace_without_language_stage(target)
-        output = tag_encoding(BaseModelOutputWithPooling(pooler_output=features), (target.videos, target.frame_traces))
+        output = BaseModelOutputWithPooling(pooler_output=features)
+        tag_encoding(output, (target.videos, target.frame_traces), stage.scoring_seconds)
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
     @staticmethod
@@ -390,8 +402,8 @@ class LlavaNextFamily:
 
     def _prune_images(
         self, crops: list[torch.Tensor], layouts: list[ImageLayout]
-    ) -> tuple[list[torch.Tensor], list[ImageTrace]]:
-        """Run the encoder stage over every crop of the given images at once; assemble each image's tokens."""
+    ) -> tuple[list[torch.Tensor], EncoderStageOutput]:
+        """Run the encoder stage over every crop of the given images at once; each image's tokens, and the stage."""
         batch, keeps, eligible, owners = [], [], [], []
         for image, (image_crops, lay) in enumerate(zip(crops, layouts, strict=True)):
             masks = [None, *lay.eligible]
@@ -421,7 +433,7 @@ class LlavaNextFamily:
             order = torch.cat([position for position, _ in image_parts])
             tokens = torch.cat([token for _, token in image_parts])
             features.append(tokens[order.argsort().to(tokens.device)])
-        return features, stage.images
+        return features, stage
 
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Check the placeholders; tell the language-model pruner about a fresh prompt."""
@@ -450,7 +462,7 @@ class LlavaNextFamily:
             image, video = encoded.get("image"), encoded.get("video")
             layouts, crop_traces = encoding_tag(image, "image") if image is not None else ([], None)
             videos, frame_traces = encoding_tag(video, "video") if video is not None else ([], None)
-            self.prompt = _Prompt(layouts, crop_traces, videos, frame_traces)
+            self.prompt = _Prompt(layouts, crop_traces, videos, frame_traces, scoring_seconds(image, video))
             self._pending = None
         else:
             self.prompt = None
@@ -506,6 +518,7 @@ class LlavaNextFamily:
             self.feature_layer,
             positions,
             image_tokens=image_tokens,
+            scoring_ms=None if prompt.scoring_seconds is None else 1000 * prompt.scoring_seconds,
         )
         if prompt.videos:
             trace.videos = prompt.frame_traces

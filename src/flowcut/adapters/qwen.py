@@ -36,6 +36,7 @@ from flowcut.adapters.language import (
     images_key,
     prompt_layout,
     prompt_order_budgets,
+    scoring_seconds,
     tag_encoding,
 )
 from flowcut.adapters.processor import adapt_processor, check_media_placeholders, restore_processor
@@ -95,6 +96,8 @@ class _Prompt:
     videos: list[_Media]
     image_grid_thw: torch.Tensor | None
     video_grid_thw: torch.Tensor | None
+    scoring_seconds: float | None = None
+    """With ``time_scoring``: the encoder stage's scoring and selection time over the pass's media."""
 
     @property
     def media(self) -> list[_Media]:
@@ -243,7 +246,7 @@ class QwenFamily:
             pooled.append(torch.cat([features[index] for index in slices]))
             first += item.slices
         output = BaseModelOutputWithPooling(last_hidden_state=stage.hidden_states, pooler_output=tuple(pooled))
-        tag_encoding(output, (items, grid_thw))
+        tag_encoding(output, (items, grid_thw), stage.scoring_seconds)
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
     def rope_index(
@@ -376,7 +379,11 @@ class QwenFamily:
             planned = {kind: self._media(kwargs.get(f"{kind}_grid_thw")) for kind in ("image", "video")}
             self._check_placeholders(input_ids, planned["image"], planned["video"])
         (images, image_grid_thw), (videos, video_grid_thw) = (self._pass_media(k, kwargs) for k in ("image", "video"))
-        self.prompt = _Prompt(images, videos, image_grid_thw, video_grid_thw) if images or videos else None
+        encodings = (kwargs.get("mm_encoder_outputs") or {}).values()
+        self.prompt = None
+        if images or videos:
+            timed = scoring_seconds(*encodings)
+            self.prompt = _Prompt(images, videos, image_grid_thw, video_grid_thw, timed)
         prompt = self.prompt
         if prompt is not None and input_ids is not None:
             self._check_placeholders(input_ids, prompt.images, prompt.videos)
@@ -480,6 +487,7 @@ class QwenFamily:
             video_keep=self.config.keep if prompt.videos else None,
             video_tokens=tokens(prompt.videos, kept_cells[VIDEO]) if prompt.videos else None,
             video_grids=[item.grid for item in prompt.videos] if prompt.videos else None,
+            scoring_ms=None if prompt.scoring_seconds is None else 1000 * prompt.scoring_seconds,
         )
         self.on_trace(trace)
 

@@ -1,4 +1,4 @@
-"""Analytic FLOPs of a LLaVA-style prefill, in the paper's convention (the efficiency benchmark's yardstick).
+"""Analytic FLOPs of a LLaVA- or Qwen2-VL-style prefill in the paper's convention (the benchmark's yardstick).
 
 Convention: 2 FLOPs per multiply-add; matrix products only (norms, activations, softmax and
 biases are not counted); the vision encoder is counted layer by layer with the tokens each layer
@@ -17,7 +17,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class VisionShape:
-    """A CLIP-style ViT: patch embedding, then ``layers`` pre-norm blocks with a two-matrix MLP."""
+    """A ViT: patch embedding, then ``layers`` pre-norm blocks with full attention and an MLP.
+
+    The defaults describe CLIP (one CLS token, a two-matrix MLP, 2-D patches); Qwen2-VL's tower
+    has no CLS token and 3-D patches of two frames (an image is repeated).
+    """
 
     hidden: int
     intermediate: int
@@ -25,6 +29,24 @@ class VisionShape:
     patch_size: int
     num_patches: int
     channels: int = 3
+    class_tokens: int = 1
+    """Tokens every layer processes besides the patches (CLIP's CLS)."""
+    temporal_patch: int = 1
+    """Frames per patch."""
+    mlp_matrices: int = 2
+
+
+@dataclass(frozen=True)
+class ProjectorShape:
+    """The two-layer MLP between encoder and language model: ``input → hidden → output`` per token it maps.
+
+    LLaVA maps every patch (``vision → text → text``); Qwen2-VL's merger maps each 2×2 group of
+    patches, side by side (``4·vision → 4·vision → text``).
+    """
+
+    input: int
+    hidden: int
+    output: int
 
 
 @dataclass(frozen=True)
@@ -57,14 +79,15 @@ def vision_layer_flops(shape: VisionShape, tokens: int) -> int:
     """One encoder layer over ``tokens`` tokens (CLS included)."""
     projections = 4 * tokens * shape.hidden * shape.hidden  # q, k, v, out
     attention = 2 * tokens * tokens * shape.hidden  # scores and weighted sum
-    mlp = 2 * tokens * shape.hidden * shape.intermediate
+    mlp = shape.mlp_matrices * tokens * shape.hidden * shape.intermediate
     return 2 * (projections + attention + mlp)
 
 
 def vision_flops(shape: VisionShape, tokens_per_layer: Sequence[int]) -> int:
-    """The patch embedding plus every layer that runs, each over its live tokens (CLS added to each count)."""
-    embedding = 2 * shape.num_patches * shape.channels * shape.patch_size**2 * shape.hidden
-    return embedding + sum(vision_layer_flops(shape, patches + 1) for patches in tokens_per_layer)
+    """The patch embedding plus every layer that runs, each over its live patches plus the class tokens."""
+    patch_volume = shape.channels * shape.temporal_patch * shape.patch_size**2
+    embedding = 2 * shape.num_patches * patch_volume * shape.hidden
+    return embedding + sum(vision_layer_flops(shape, patches + shape.class_tokens) for patches in tokens_per_layer)
 
 
 def scoring_flops(hidden: int, scored_tokens: Sequence[int]) -> int:
@@ -76,9 +99,9 @@ def scoring_flops(hidden: int, scored_tokens: Sequence[int]) -> int:
     return sum(2 * 2 * (patches + 1) * hidden for patches in scored_tokens)
 
 
-def projector_flops(vision_hidden: int, text_hidden: int, tokens: int) -> int:
-    """LLaVA's two-layer MLP projector over ``tokens`` visual tokens."""
-    return 2 * tokens * (vision_hidden * text_hidden + text_hidden * text_hidden)
+def projector_flops(shape: ProjectorShape, tokens: int) -> int:
+    """The two-layer projector over ``tokens`` of its inputs."""
+    return 2 * tokens * (shape.input * shape.hidden + shape.hidden * shape.output)
 
 
 def text_layer_flops(shape: TextShape, tokens: int) -> int:
@@ -106,14 +129,18 @@ def prefill_flops(
     prompt_tokens: int,
     language_tokens_per_layer: Sequence[int] | None = None,
     head_tokens: int = 1,
+    projector: ProjectorShape | None = None,
+    projector_tokens: int | None = None,
 ) -> PrefillFlops:
     """FLOPs of one image's prefill.
 
     ``vision_tokens_per_layer``: patches each executed encoder layer processed (a pruning trace's
-    ``tokens_per_layer``), or one such list per encoder pass (a video's frames);
+    ``tokens_per_layer``), or one such list per encoder pass (a video's frames, LLaVA-NeXT's crops);
     ``visual_tokens``: visual tokens entering the language model;
     ``prompt_tokens``: the text tokens around them. ``language_tokens_per_layer`` overrides the
-    sequence length per decoder layer (pruning inside the language model).
+    sequence length per decoder layer (pruning inside the language model). ``projector`` defaults
+    to LLaVA's (vision → text → text), over ``projector_tokens`` (default: ``visual_tokens``;
+    LLaVA-NeXT projects its crops' patches before it adds image-newline tokens).
     """
     sequence = visual_tokens + prompt_tokens
     per_layer = list(language_tokens_per_layer) if language_tokens_per_layer is not None else [sequence] * text.layers
@@ -122,6 +149,9 @@ def prefill_flops(
         passes = [passes]
     return PrefillFlops(
         vision=sum(vision_flops(vision, tokens) for tokens in passes),
-        projector=projector_flops(vision.hidden, text.hidden, visual_tokens),
+        projector=projector_flops(
+            projector or ProjectorShape(vision.hidden, text.hidden, text.hidden),
+            visual_tokens if projector_tokens is None else projector_tokens,
+        ),
         language=text_flops(text, per_layer, head_tokens),
     )

@@ -12,14 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import (
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-    VideoLlavaForConditionalGeneration,
-    VideoLlavaProcessor,
-)
+from transformers import PreTrainedModel, ProcessorMixin
 
-from flowcut.tiny import build_tiny_llava, build_tiny_video_llava
+from flowcut.tiny import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen, build_tiny_video_llava
 
 
 @dataclass(frozen=True)
@@ -41,6 +36,12 @@ class Preset:
     vocab_size: int
     frames: int = 0
     """Frames per video of a video model (Video-LLaVA); 0 for image models."""
+    family: str = "llava"
+    """``llava``, ``video-llava``, ``llava-next`` or ``qwen2-vl``: which architecture the shapes describe."""
+    picture_size: int | None = None
+    """Side of the default square picture the benchmark asks about (None: the shapes-VQA picture as it is,
+    336 px). LLaVA-NeXT's 672-px picture is a 2×2 grid of crops plus the base view; Qwen2-VL's token count
+    follows the picture (672 px: 576 tokens, LLaVA-1.5's count)."""
 
 
 CLIP_VIT_L_14 = {"patch_size": 14, "vision_hidden": 1024, "vision_intermediate": 4096, "vision_layers": 24}
@@ -59,8 +60,36 @@ PRESETS = {
         "Video-LLaVA-7B: 8 frames through CLIP ViT-L/14-224 (24 layers, 256 patches each) + Vicuna-7B",
         image_size=224,
         frames=8,
+        family="video-llava",
         **CLIP_VIT_L_14,
         **VICUNA_7B,
+    ),
+    "llava-next-7b": Preset(
+        "LLaVA-NeXT-7B (Vicuna): a 672-px picture as 4 crops + the base view through CLIP ViT-L/14-336 "
+        "(2,880 patches, 2,928 tokens with image newlines) + Vicuna-7B",
+        image_size=336,
+        family="llava-next",
+        picture_size=672,
+        **CLIP_VIT_L_14,
+        **VICUNA_7B,
+    ),
+    "qwen2-vl-7b": Preset(
+        "Qwen2-VL-7B: a 672-px picture through its 32-layer, 1280-wide ViT (2,304 patches, merged 2×2 into "
+        "576 tokens) + a 28-layer, 3584-wide Qwen2 with 4 key-value heads",
+        image_size=672,
+        family="qwen2-vl",
+        picture_size=672,
+        patch_size=14,
+        vision_hidden=1280,
+        vision_intermediate=5120,
+        vision_layers=32,
+        vision_heads=16,
+        text_hidden=3584,
+        text_intermediate=18944,
+        text_layers=28,
+        text_heads=28,
+        text_kv_heads=4,
+        vocab_size=152064,
     ),
 }
 
@@ -69,7 +98,7 @@ SMOKE_DIVISOR = 16
 
 def build_preset(
     name: str, text_layers: int | None = None, smoke: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0
-) -> tuple[LlavaForConditionalGeneration | VideoLlavaForConditionalGeneration, LlavaProcessor | VideoLlavaProcessor]:
+) -> tuple[PreTrainedModel, ProcessorMixin]:
     """The preset's architecture with random weights, and an offline processor for it."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
@@ -80,21 +109,25 @@ def build_preset(
     divisor = SMOKE_DIVISOR if smoke else 1
     # Smoke widths keep 4 heads per tower, so every head stays at least 16 wide.
     vision_heads = 4 if smoke else preset.vision_heads
-    text_heads, text_kv_heads = (4, 4) if smoke else (preset.text_heads, preset.text_kv_heads)
-    builder = build_tiny_video_llava if preset.frames else build_tiny_llava
-    return builder(
-        seed=seed,
-        image_size=preset.image_size,
-        patch_size=preset.patch_size,
-        dtype=dtype,
-        vocab_size=preset.vocab_size,
-        vision_layers=preset.vision_layers,
-        vision_hidden=preset.vision_hidden // divisor,
-        vision_intermediate=preset.vision_intermediate // divisor,
-        vision_heads=vision_heads,
-        text_layers=layers,
-        text_hidden=preset.text_hidden // divisor,
-        text_intermediate=preset.text_intermediate // divisor,
-        text_heads=text_heads,
-        text_kv_heads=text_kv_heads,
-    )
+    text_heads, text_kv_heads = preset.text_heads, preset.text_kv_heads
+    if smoke:
+        text_heads, text_kv_heads = 4, min(4, text_kv_heads)
+    widths = {
+        "seed": seed,
+        "patch_size": preset.patch_size,
+        "dtype": dtype,
+        "vocab_size": preset.vocab_size,
+        "vision_layers": preset.vision_layers,
+        "vision_hidden": preset.vision_hidden // divisor,
+        "vision_intermediate": preset.vision_intermediate // divisor,
+        "vision_heads": vision_heads,
+        "text_layers": layers,
+        "text_hidden": preset.text_hidden // divisor,
+        "text_intermediate": preset.text_intermediate // divisor,
+        "text_heads": text_heads,
+        "text_kv_heads": text_kv_heads,
+    }
+    if preset.family == "qwen2-vl":  # image_size: the largest picture, in pixels per side
+        return build_tiny_qwen("2", max_pixels=preset.image_size**2, **widths)
+    builders = {"llava": build_tiny_llava, "video-llava": build_tiny_video_llava, "llava-next": build_tiny_llava_next}
+    return builders[preset.family](image_size=preset.image_size, **widths)

@@ -1,10 +1,12 @@
 """Measure what pruning buys, methods side by side on one model: encoder, prefill and generation times,
-decode speed, KV-cache size, and the analytic FLOPs next to them.
+decode speed, peak memory, KV-cache size, and the analytic FLOPs next to them.
 
 Settings are measured interleaved (A B C A B C …) after warm-up rounds, so drift in clock speed or
 thermal state hits every setting alike; each number is the median over the rounds, with its
 minimum and maximum. On CUDA the timer synchronises and uses CUDA events; elsewhere it is the
-wall clock. Every report names the device, dtype, threads and library versions.
+wall clock. Peak memory is measured in one extra, untimed prefill per setting after the timed
+rounds (:mod:`flowcut.bench.memory`). Every report names the device, dtype, threads and library
+versions.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
@@ -21,7 +24,8 @@ import torch
 import transformers
 
 from flowcut.api import apply, check_applicable
-from flowcut.bench.flops import PrefillFlops, TextShape, VisionShape, prefill_flops
+from flowcut.bench.flops import PrefillFlops, ProjectorShape, TextShape, VisionShape, prefill_flops
+from flowcut.bench.memory import peak_bytes
 from flowcut.config import FlowCutConfig
 from flowcut.methods import get_method
 from flowcut.prompting import prompt_inputs, video_prompt_inputs
@@ -54,7 +58,7 @@ class Timings:
     first_token: list[float] = field(default_factory=list)
     """``generate`` of a single token: the same work as ``generate`` but its decoding steps."""
     scoring: list[float] = field(default_factory=list)
-    """FlowCut only: the part of each encoder time spent scoring and selecting tokens."""
+    """FlowCut only: the time the prefill's encoder pass (the same work as ``vision``) spent scoring and selecting."""
 
 
 @dataclass
@@ -64,23 +68,28 @@ class BenchResult:
     setting: BenchSetting
     timings: Timings
     visual_tokens: int
-    """Visual tokens per image the language model's later layers see."""
+    """Visual tokens of the image (or video) that the language model's later layers see."""
     prompt_tokens: int
     kv_cache_bytes: int
-    flops: PrefillFlops
+    flops: PrefillFlops | None
+    """None for model families the analytic count does not cover."""
     new_tokens: int
+    peak_prefill_bytes: int = 0
+    """Peak memory of a prefill above what was allocated before it (weights and inputs excluded)."""
 
     def median(self, name: str) -> float:
         """Median milliseconds of ``"vision"``, ``"prefill"``, ``"generate"`` or ``"first_token"``."""
         return statistics.median(getattr(self.timings, name))
 
     @property
-    def decode_tokens_per_second(self) -> float:
+    def decode_tokens_per_second(self) -> float | None:
         """Decoding speed: the tokens after the first, per second of ``generate`` beyond a one-token ``generate``.
 
         Both calls run the same encoder, prefill and generation set-up, so their difference is the
-        decoding steps alone (medians over the rounds).
+        decoding steps alone (medians over the rounds). None when generation was not measured.
         """
+        if not self.timings.generate:
+            return None
         decode_ms = self.median("generate") - self.median("first_token")
         return (self.new_tokens - 1) / (decode_ms / 1000) if decode_ms > 0 else float("inf")
 
@@ -119,21 +128,54 @@ def _cache_bytes(cache: Any) -> int:
     return total
 
 
-def model_shapes(model: torch.nn.Module) -> tuple[VisionShape, TextShape]:
-    """The FLOP-counting shapes of a LLaVA-1.5-style model."""
-    vision, text = model.config.vision_config, model.config.text_config
-    grid = vision.image_size // vision.patch_size
-    return (
-        VisionShape(vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, vision.patch_size, grid**2),
-        TextShape(
-            text.hidden_size,
-            text.intermediate_size,
-            text.num_hidden_layers,
-            text.num_attention_heads,
-            text.num_key_value_heads or text.num_attention_heads,
-            text.vocab_size,
-        ),
+LLAVA_FAMILIES = ("llava", "video_llava", "llava_next", "llava_next_video")
+"""CLIP towers with a CLS token and LLaVA's two-layer projector."""
+CROP_FAMILIES = ("llava_next", "llava_next_video")
+"""Images encoded as several crops (anyres), each an encoder pass."""
+QWEN_FAMILIES = ("qwen2_vl",)
+"""Qwen2-VL: no CLS, 3-D patches, 2×2 merger (Qwen2.5-VL's windowed attention is not counted yet)."""
+
+
+def model_shapes(
+    model: torch.nn.Module, patches: int | None = None
+) -> tuple[VisionShape, ProjectorShape, TextShape] | None:
+    """The FLOP-counting shapes of a model, or None for a family the analytic count does not cover.
+
+    ``patches``: patches per encoder pass for dynamic-resolution towers (Qwen2-VL), which have no fixed grid.
+    """
+    config = model.config
+    vision, text = config.vision_config, config.text_config
+    text_shape = TextShape(
+        text.hidden_size,
+        text.intermediate_size,
+        text.num_hidden_layers,
+        text.num_attention_heads,
+        text.num_key_value_heads or text.num_attention_heads,
+        text.vocab_size,
     )
+    if config.model_type in LLAVA_FAMILIES:
+        grid = vision.image_size // vision.patch_size
+        shape = VisionShape(
+            vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, vision.patch_size, grid**2
+        )
+        return shape, ProjectorShape(vision.hidden_size, text.hidden_size, text.hidden_size), text_shape
+    if config.model_type in QWEN_FAMILIES:
+        if patches is None:
+            raise ValueError("Qwen2-VL's FLOPs need the patches per encoder pass (its resolution is dynamic)")
+        width = vision.embed_dim
+        shape = VisionShape(
+            width,
+            int(width * vision.mlp_ratio),
+            vision.depth,
+            vision.patch_size,
+            patches,
+            channels=vision.in_channels,
+            class_tokens=0,
+            temporal_patch=vision.temporal_patch_size,
+        )
+        merged = width * vision.spatial_merge_size**2
+        return shape, ProjectorShape(merged, merged, text.hidden_size), text_shape
+    return None
 
 
 def environment(model: torch.nn.Module) -> dict[str, Any]:
@@ -161,59 +203,105 @@ def benchmark(
     new_tokens: int = 8,
     on_round: Callable[[int], None] | None = None,
     video: Any = None,
+    generate: bool = True,
+    memory: bool = True,
 ) -> list[BenchResult]:
     """Measure every setting ``rounds`` times, interleaved, after ``warmup`` unrecorded rounds.
 
     With ``video`` (``(F, H, W, 3)`` frames, for a video model) the prompt asks about the video
     instead of ``image``, the encoder time is the video's, and budgets count the video's tokens.
+    ``generate=False`` times the encoder and the prefill only (large models on a CPU);
+    ``memory=False`` skips the peak-memory pass.
     """
     if rounds < 1 or warmup < 0 or new_tokens < 2:
         raise ValueError("rounds must be at least 1, warmup at least 0 and new_tokens at least 2")
     check_applicable(model, [setting.config() for setting in settings if setting.method is not None])
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     timed = _timer(device)
-    vision_shape, text_shape = model_shapes(model)
     results: dict[BenchSetting, BenchResult] = {}
+    generation = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    one_token = {**generation, "max_new_tokens": 1, "min_new_tokens": 1}
     for round_index in range(warmup + rounds):
         for setting in settings:
-            handle = None
-            if setting.method is not None:
-                handle = apply(model, processor=processor, config=setting.config())
-            try:
-                if video is None:
-                    inputs = prompt_inputs(processor, image, prompt, device, dtype)
-                    encode = partial(model.model.get_image_features, inputs["pixel_values"])
-                else:
-                    inputs = video_prompt_inputs(processor, video, prompt, device, dtype)
-                    encode = partial(model.model.get_video_features, inputs["pixel_values_videos"])
-                generation = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+            with _applied(model, processor, setting) as handle:
+                inputs, encode = _prompt(model, processor, image, video, prompt, device, dtype)
                 with torch.inference_mode():
                     vision_ms, _ = timed(encode)
-                    scoring_ms = handle.last_trace.scoring_ms if setting.method == "flowcut" else None
                     # Logits of the last position only, as generate() computes them in its prefill.
                     prefill_ms, output = timed(partial(model, **inputs, use_cache=True, logits_to_keep=1))
-                    generate_ms, _ = timed(partial(model.generate, **inputs, **generation))
-                    one_token = {**generation, "max_new_tokens": 1, "min_new_tokens": 1}
-                    first_token_ms, _ = timed(partial(model.generate, **inputs, **one_token))
+                    # The prefill's encoder pass is the encoder call's work again; every family traces a prefill.
+                    scoring_ms = handle.last_trace.scoring_ms if setting.method == "flowcut" else None
+                    if generate:
+                        generate_ms, _ = timed(partial(model.generate, **inputs, **generation))
+                        first_token_ms, _ = timed(partial(model.generate, **inputs, **one_token))
                 if round_index < warmup:
                     continue
                 if setting not in results:
-                    results[setting] = _result(
-                        model, setting, handle, inputs, output, vision_shape, text_shape, new_tokens
-                    )
+                    results[setting] = _result(model, setting, handle, inputs, output, new_tokens)
                 timings = results[setting].timings
                 timings.vision.append(vision_ms)
                 timings.prefill.append(prefill_ms)
-                timings.generate.append(generate_ms)
-                timings.first_token.append(first_token_ms)
+                if generate:
+                    timings.generate.append(generate_ms)
+                    timings.first_token.append(first_token_ms)
                 if scoring_ms is not None:
                     timings.scoring.append(scoring_ms)
-            finally:
-                if handle is not None:
-                    handle.remove()
         if on_round is not None and round_index >= warmup:
             on_round(round_index - warmup + 1)
+    if memory:
+        for setting in settings:
+            with _applied(model, processor, setting), torch.inference_mode():
+                inputs, _ = _prompt(model, processor, image, video, prompt, device, dtype)
+                prefill = partial(model, **inputs, use_cache=True, logits_to_keep=1)
+                results[setting].peak_prefill_bytes, _ = peak_bytes(prefill, device)
     return [results[setting] for setting in settings]
+
+
+@contextmanager
+def _applied(model: torch.nn.Module, processor: Any, setting: BenchSetting) -> Iterator[Any]:
+    """The setting's pruning on ``model`` for the duration (its handle), or nothing for the unpruned model."""
+    handle = None if setting.method is None else apply(model, processor=processor, config=setting.config())
+    try:
+        yield handle
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _prompt(
+    model: torch.nn.Module, processor: Any, image: Any, video: Any, prompt: str, device: Any, dtype: Any
+) -> tuple[Any, Callable[[], Any]]:
+    """The prompt's inputs, and a call that runs the model's encoder alone on its image or video."""
+    if video is None:
+        inputs = prompt_inputs(processor, image, prompt, device, dtype)
+        extra = {key: inputs[key] for key in ("image_sizes", "image_grid_thw") if key in inputs}
+        return inputs, partial(model.model.get_image_features, inputs["pixel_values"], **extra)
+    inputs = video_prompt_inputs(processor, video, prompt, device, dtype)
+    extra = {key: inputs[key] for key in ("video_grid_thw",) if key in inputs}
+    return inputs, partial(model.model.get_video_features, inputs["pixel_values_videos"], **extra)
+
+
+def _encoder_passes(model: torch.nn.Module, trace: Any, inputs: Any) -> list[list[int]]:
+    """Per encoder pass (an image, a crop, a frame or a temporal slice), the patches each layer processed."""
+    family = model.config.model_type
+    video = inputs.get("pixel_values_videos") is not None
+    traced: list[Any] = []
+    if trace is not None:
+        if video:
+            traced = trace.videos[0]
+        else:
+            traced = trace.images if family in CROP_FAMILIES else trace.images[:1]
+    if family in QWEN_FAMILIES:
+        group = model.config.vision_config.spatial_merge_size**2
+        slices, rows, columns = (int(v) for v in inputs["video_grid_thw" if video else "image_grid_thw"][0])
+        stock = [[rows * columns] * model.config.vision_config.depth] * slices
+        # Qwen traces count merge groups; the tower's layers process their patches.
+        return [[group * units for units in t.tokens_per_layer] for t in traced] or stock
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    pixels = inputs["pixel_values_videos" if video else "pixel_values"]
+    passes = pixels.shape[1] if video or family in CROP_FAMILIES else 1
+    return [t.tokens_per_layer for t in traced] or [[patches] * vision.num_hidden_layers] * passes
 
 
 def _result(
@@ -222,59 +310,74 @@ def _result(
     handle: Any,
     inputs: Any,
     output: Any,
-    vision_shape: VisionShape,
-    text_shape: TextShape,
     new_tokens: int,
 ) -> BenchResult:
-    video = inputs.get("pixel_values_videos")
-    token = model.config.image_token_id if video is None else model.config.video_token_id
+    video = inputs.get("pixel_values_videos") is not None
+    token = model.config.video_token_id if video else model.config.image_token_id
     length = inputs["input_ids"].shape[1]
     entering = int((inputs["input_ids"][0] == token).sum())
     prompt_tokens = length - entering
     trace = handle.last_trace if handle is not None else None
-    if trace is None:
-        # The stock path runs every layer, on the image or on each of the video's frames.
-        tokens_per_layer = [[vision_shape.num_patches] * vision_shape.layers] * (1 if video is None else video.shape[1])
+    kept = None
+    if trace is not None and trace.language_positions is not None:  # pruned inside the language model
+        kept = trace.language_positions.shape[1]
+    visual = entering if kept is None else kept - prompt_tokens
+    flops = None
+    if model.config.model_type in LLAVA_FAMILIES + QWEN_FAMILIES:
+        passes = _encoder_passes(model, trace, inputs)
+        vision_shape, projector, text_shape = model_shapes(model, patches=passes[0][0])
         language = None
-        visual = entering
-    else:
-        if video is None:
-            tokens_per_layer, visual = [trace.images[0].tokens_per_layer], trace.keep
-        else:
-            tokens_per_layer, visual = [frame.tokens_per_layer for frame in trace.videos[0]], trace.video_keep
-        language = None
-        if trace.language_positions is not None:  # pruned inside the language model after one layer
+        if kept is not None:
             layer = get_method(setting.method).language_layer
-            kept = trace.language_positions.shape[1]
             language = [length] * (layer + 1) + [kept] * (text_shape.layers - layer - 1)
-    flops = prefill_flops(vision_shape, text_shape, tokens_per_layer, entering, prompt_tokens, language)
+        projected = entering
+        if model.config.model_type in QWEN_FAMILIES:  # the merger maps each 2×2 group of patches
+            projected = sum(layers[-1] for layers in passes) // model.config.vision_config.spatial_merge_size**2
+        elif model.config.model_type in CROP_FAMILIES and not video:  # projected before newlines are added
+            projected = sum(layers[-1] for layers in passes)
+        flops = prefill_flops(
+            vision_shape,
+            text_shape,
+            passes,
+            entering,
+            prompt_tokens,
+            language,
+            projector=projector,
+            projector_tokens=projected,
+        )
     return BenchResult(
         setting, Timings(), visual, prompt_tokens, _cache_bytes(output.past_key_values), flops, new_tokens
     )
 
 
 def to_markdown(results: Sequence[BenchResult], env: dict[str, Any]) -> str:
-    """The results as a Markdown table, speed-ups relative to the first (unpruned) setting."""
+    """The results as a Markdown table, speed-ups relative to the first (unpruned) setting; "–" where not measured."""
     reference = results[0]
+    generated = f"{reference.new_tokens} new tokens generated" if reference.timings.generate else "no generation"
     lines = [
         "Device: " + ", ".join(f"{key} {value}" for key, value in env.items()) + ".",
         f"Medians over {len(reference.timings.prefill)} interleaved rounds (min–max in brackets); "
-        f"{reference.prompt_tokens} text tokens in the prompt; {reference.new_tokens} new tokens generated.",
+        f"{reference.prompt_tokens} text tokens in the prompt; {generated}.",
         "",
-        "| setting | visual tokens | encoder ms | prefill ms | generate ms | decode tok/s | KV cache MiB "
-        "| prefill GFLOPs | prefill speed-up | FLOP-bound speed-up | scoring ms (share of encoder) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | visual tokens | encoder ms | prefill ms | generate ms | decode tok/s | prefill peak MiB "
+        "| KV cache MiB | prefill GFLOPs | prefill speed-up | FLOP-bound speed-up | scoring ms (share of encoder) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         cells = [result.setting.label, str(result.visual_tokens)]
         for name in ("vision", "prefill", "generate"):
             values = getattr(result.timings, name)
-            cells.append(f"{result.median(name):.1f} ({min(values):.1f}–{max(values):.1f})")
-        cells.append(f"{result.decode_tokens_per_second:.1f}")
+            cells.append(f"{result.median(name):.1f} ({min(values):.1f}–{max(values):.1f})" if values else "–")
+        decode = result.decode_tokens_per_second
+        cells.append("–" if decode is None else f"{decode:.1f}")
+        cells.append(f"{result.peak_prefill_bytes / 2**20:.1f}" if result.peak_prefill_bytes else "–")
         cells.append(f"{result.kv_cache_bytes / 2**20:.2f}")
-        cells.append(f"{result.flops.total / 1e9:.2f}")
+        cells.append("–" if result.flops is None else f"{result.flops.total / 1e9:.2f}")
         cells.append(f"{reference.median('prefill') / result.median('prefill'):.2f}×")
-        cells.append(f"{reference.flops.total / result.flops.total:.2f}×")
+        if result.flops is None or reference.flops is None:
+            cells.append("–")
+        else:
+            cells.append(f"{reference.flops.total / result.flops.total:.2f}×")
         if result.timings.scoring:
             scoring = statistics.median(result.timings.scoring)
             cells.append(f"{scoring:.2f} ({100 * scoring / result.median('vision'):.1f} %)")
@@ -290,7 +393,8 @@ def to_dict(results: Sequence[BenchResult], env: dict[str, Any]) -> dict[str, An
     for result in results:
         row = asdict(result)
         row["label"] = result.setting.label
-        row["flops"]["total"] = result.flops.total
+        if result.flops is not None:
+            row["flops"]["total"] = result.flops.total
         row["decode_tokens_per_second"] = result.decode_tokens_per_second
         rows.append(row)
     return {"environment": env, "results": rows}
@@ -310,7 +414,8 @@ def plot(results: Sequence[BenchResult], path: Any) -> Any:
         rows = sorted((r for r in results if r.setting.method == method), key=lambda r: r.visual_tokens)
         budgets = [r.visual_tokens for r in rows]
         measured.plot(budgets, [reference.median("prefill") / r.median("prefill") for r in rows], "o-", label=method)
-        bound.plot(budgets, [reference.flops.total / r.flops.total for r in rows], "o-", label=method)
+        if reference.flops is not None and all(r.flops is not None for r in rows):
+            bound.plot(budgets, [reference.flops.total / r.flops.total for r in rows], "o-", label=method)
     budgets = sorted({r.visual_tokens for r in results if r.setting.method is not None})
     for axes, title in ((measured, "measured prefill speed-up"), (bound, "FLOP-bound prefill speed-up")):
         axes.axhline(1.0, color="black", linestyle="--", linewidth=0.8)

@@ -68,6 +68,10 @@ class Recipe:
     """Stage 1a: steps on small scenes (low resolution, interpolated position embeddings)."""
     pretrain_size: int = 112
     pretrain_objects: int = 1
+    middle_steps: int = 0
+    """Stage 1m (between 1a and 1b; 0 skips it): steps on mid-size scenes with up to 4 objects, which cost
+    about half as much as full-size ones, so the encoder meets crowded scenes for longer."""
+    middle_size: int = 224
     stage1_steps: int = 300
     """Stage 1b: steps on full-size scenes."""
     stage1_batch: int = 32
@@ -84,6 +88,8 @@ class Recipe:
     """Patch position embeddings at the start: ``"random"`` (CLIP's init; the bundled model) or ``"sincos"``
     (a 2-D sine-cosine table times ``position_scale``, which lets CLS learn where objects are)."""
     position_scale: float = 0.5
+    location_weight: float = 5.0
+    """Weight of the stage-1 location loss (mean squared error of the present pairs' centres, as image fractions)."""
 
     def model_options(self) -> dict[str, int]:
         """Keyword arguments of :func:`flowcut.tiny.build_tiny_llava` for this architecture."""
@@ -231,7 +237,9 @@ class SceneHead(torch.nn.Module):
         return {"presence": presence, "colours": colours, "shapes": shapes, "count": count, "places": places}
 
 
-def scene_loss(predicted: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
+def scene_loss(
+    predicted: dict[str, torch.Tensor], target: dict[str, torch.Tensor], location_weight: float = 5.0
+) -> torch.Tensor:
     """Presence losses (pairs, colours, shapes), count, and the places of the present pairs.
 
     Shape is the attribute a small ViT learns last, so shapes weigh as much as colours.
@@ -245,7 +253,7 @@ def scene_loss(predicted: dict[str, torch.Tensor], target: dict[str, torch.Tenso
         + bce(predicted["colours"], target["colours"]) * len(COLOUR_NAMES)
         + bce(predicted["shapes"], target["shapes"]) * len(COLOUR_NAMES)
         + torch.nn.functional.cross_entropy(predicted["count"], target["count"])
-        + 5 * location
+        + location_weight * location
         + size
     )
 
@@ -279,9 +287,12 @@ def train_vision(model: LlavaForConditionalGeneration, processor: LlavaProcessor
     parameters = [*tower.parameters(), *head.parameters()]
     phases = [
         ("1a", recipe.pretrain_steps, recipe.pretrain_size, recipe.pretrain_objects),
+        ("1m", recipe.middle_steps, recipe.middle_size, 4),
         ("1b", recipe.stage1_steps, IMAGE_SIZE, 4),
     ]
     for phase, steps, image_size, max_objects in phases:
+        if steps == 0:
+            continue
         optimizer = _optimizer(parameters, recipe, recipe.stage1_lr)
         started = time.time()
         build = partial(_stage1_batch, processor, image_size=image_size, max_objects=max_objects)
@@ -290,7 +301,7 @@ def train_vision(model: LlavaForConditionalGeneration, processor: LlavaProcessor
                 group["lr"] = _learning_rate(step, steps, recipe.stage1_lr, min(recipe.warmup_steps, steps // 4))
             pooled = tower(pixel_values=batch.pop("pixel_values"), interpolate_pos_encoding=True).pooler_output
             predicted = head(pooled)
-            loss = scene_loss(predicted, batch)
+            loss = scene_loss(predicted, batch, recipe.location_weight)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
