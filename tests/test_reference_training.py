@@ -60,7 +60,8 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 @pytest.mark.slow
 def test_two_step_training_run_is_reproducible_and_loadable(tmp_path):
     small = ["--vision-layers", "2", "--vision-hidden", "32", "--text-layers", "1", "--text-hidden", "32"]
-    steps = ["--pretrain-steps", "2", "--stage1-steps", "2", "--stage2-steps", "2", "--warmup-steps", "1"]
+    steps = ["--pretrain-steps", "2", "--middle-steps", "1", "--middle-size", "56", "--stage1-steps", "2"]
+    steps += ["--stage2-steps", "2", "--warmup-steps", "1"]
     for run in ("first", "second"):
         arguments = [*small, *steps, "--stage1-batch", "2", "--stage2-batch", "2", "--turns", "2"]
         main(["--output", str(tmp_path / run), *arguments])
@@ -70,7 +71,7 @@ def test_two_step_training_run_is_reproducible_and_loadable(tmp_path):
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path)
     assert model.config.vision_config.image_size == 336 and model.config.vision_config.num_hidden_layers == 2
     log = json.loads((tmp_path / "training_log.json").read_text())
-    assert [(entry["stage"], entry["step"]) for entry in log["log"]] == [("1a", 2), ("1b", 2), (2, 2)]
+    assert [(entry["stage"], entry["step"]) for entry in log["log"]] == [("1a", 2), ("1m", 1), ("1b", 2), (2, 2)]
     assert log["recipe"]["stage1_steps"] == 2
     assert not (tmp_path / "vision_stage1.safetensors").exists()
 
@@ -100,6 +101,18 @@ def test_scene_loss_ignores_the_places_of_absent_pairs():
     assert scene_loss(predicted, targets).item() == pytest.approx(loss.item())
     predicted["places"][0, targets["presence"][0].argmax()] = 100.0
     assert scene_loss(predicted, targets).item() > loss.item() + 100
+
+
+def test_scene_loss_weighs_the_location_error():
+    _, objects = make_scene("train", 3, 112, 2)
+    targets = {key: torch.from_numpy(value)[None] for key, value in scene_targets(objects, 112).items()}
+    predicted = SceneHead(8)(torch.zeros(1, 8))
+    present = targets["presence"].bool()
+    location = torch.nn.functional.mse_loss(predicted["places"][..., :2][present], targets["places"][..., :2][present])
+    without = scene_loss(predicted, targets, location_weight=0.0)
+    assert scene_loss(predicted, targets, location_weight=40.0).item() == pytest.approx(
+        without.item() + 40 * location.item()
+    )
 
 
 def test_sincos_position_table_by_hand():
