@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import make_image
-from flowcut.bench.flops import prefill_flops
+from flowcut.bench.flops import prefill_flops, vision_flops
 from flowcut.bench.run import BenchSetting, benchmark, environment, model_shapes, to_markdown
 from flowcut.cli import app
 from flowcut.config import FlowCutConfig
@@ -194,3 +194,22 @@ def test_families_without_a_flop_model_are_timed_with_flops_left_out():
     assert to_dict(results, environment(model))["results"][1]["flops"] is None
     row = to_markdown(results, environment(model)).splitlines()[-1]
     assert row.startswith("| flowcut@4 | 4 |") and row.count("| – |") == 2  # GFLOPs and FLOP-bound speed-up
+
+
+def test_video_that_takes_the_stock_path_counts_every_frame_whole():
+    """FastV leaves a LLaVA-NeXT-Video video's frames whole (the trace has no frame traces): stock encoder FLOPs."""
+    import numpy as np
+
+    from flowcut.tiny import build_tiny_llava_next_video
+
+    model, processor = build_tiny_llava_next_video(text_layers=3)
+    clip = np.stack([np.asarray(make_image(frame)) for frame in range(4)])
+    settings = [BenchSetting(None), BenchSetting("fastv", 8), BenchSetting("flowcut", 8)]
+    unpruned, fastv, pruned = benchmark(
+        model, processor, None, "what ?", settings, rounds=1, warmup=0, video=clip, generate=False, memory=False
+    )
+    vision, _, _ = model_shapes(model)
+    assert unpruned.visual_tokens == 4 * 36 and fastv.visual_tokens == pruned.visual_tokens == 8
+    assert fastv.flops.vision == unpruned.flops.vision == 4 * vision_flops(vision, [144] * vision.layers)
+    assert pruned.flops.vision < unpruned.flops.vision and fastv.flops.language < unpruned.flops.language
+    assert unpruned.peak_prefill_bytes is None

@@ -140,10 +140,14 @@ def tag_encoding(output: Any, media: tuple[Any, Any], scoring_seconds: float | N
     return output
 
 
-def scoring_seconds(*encodings: Any) -> float | None:
-    """The scoring time of tagged encodings together, or None where none was timed."""
-    timed = [getattr(encoding, SCORING_TAG, None) for encoding in encodings if encoding is not None]
-    timed = [seconds for seconds in timed if seconds is not None]
+def encoding_scoring(encoding: Any) -> float | None:
+    """The scoring time a tagged encoding carries (None: not timed, or no encoding)."""
+    return None if encoding is None else getattr(encoding, SCORING_TAG, None)
+
+
+def total_scoring_seconds(*seconds: float | None) -> float | None:
+    """The sum of the timed parts, or None where none was timed."""
+    timed = [part for part in seconds if part is not None]
     return sum(timed) if timed else None
 
 

@@ -46,12 +46,13 @@ from flowcut.adapters.clip import vision_adapter
 from flowcut.adapters.language import (
     DecoderPruner,
     decoder_pruner,
+    encoding_scoring,
     encoding_tag,
     images_key,
     prompt_layout,
     prompt_order_budgets,
-    scoring_seconds,
     tag_encoding,
+    total_scoring_seconds,
 )
 from flowcut.adapters.llava import check_select_strategy, feature_layer_index
 from flowcut.adapters.processor import adapt_processor, check_media_placeholders, restore_processor
@@ -115,13 +116,15 @@ class _Prompt:
     videos: list[VideoLayout] = field(default_factory=list)
     frame_traces: list[list[ImageTrace]] | None = None
     """Per video, per frame: what the encoder stage kept (None where the videos took the stock path)."""
-    scoring_seconds: float | None = None
-    """With ``time_scoring``: the encoder stage's scoring and selection time over the pass's media."""
+    image_scoring: float | None = None
+    """With ``time_scoring``: seconds the images' encoder stage spent scoring and selecting (set per encoding)."""
+    video_scoring: float | None = None
+    """The same for the videos."""
 
-    def add_scoring(self, seconds: float | None) -> None:
-        """Count one encoder stage's scoring time (None: not timed)."""
-        if seconds is not None:
-            self.scoring_seconds = (self.scoring_seconds or 0.0) + seconds
+    @property
+    def scoring_seconds(self) -> float | None:
+        """Scoring and selection time over the pass's media; None where nothing was timed."""
+        return total_scoring_seconds(self.image_scoring, self.video_scoring)
 
 
 class LlavaNextFamily:
@@ -331,7 +334,7 @@ class LlavaNextFamily:
         single = self._single_crop(kwargs.get("batch_num_images"), len(image_sizes))
         layouts = [self.layout(size, alone) for size, alone in zip(image_sizes, single, strict=True)]
         target = self._pending_prompt()
-        target.layouts, target.crop_traces = layouts, None
+        target.layouts, target.crop_traces, target.image_scoring = layouts, None, None
         stock_kwargs = {key: value for key, value in kwargs.items() if value is not None}
         pruned = [i for i, lay in enumerate(layouts) if lay.crop_keeps is not None]
         features: list[torch.Tensor | None] = [None] * len(layouts)
@@ -353,8 +356,7 @@ class LlavaNextFamily:
         features_pruned, stage = self._prune_images([crops[i] for i in pruned], [layouts[i] for i in pruned])
         for i, feature in zip(pruned, features_pruned, strict=True):
             features[i] = feature
-        target.crop_traces = stage.images
-        target.add_scoring(stage.scoring_seconds)
+        target.crop_traces, target.image_scoring = stage.images, stage.scoring_seconds
         self._trace_without_language_stage(target)
         output = BaseModelOutputWithPooling(pooler_output=features)
         tag_encoding(output, (layouts, stage.images), stage.scoring_seconds)
@@ -374,7 +376,7 @@ class LlavaNextFamily:
         videos, frames = pixel_values_videos.shape[:2]
         layout = self.video_layout(frames)
         target = self._pending_prompt()
-        target.videos, target.frame_traces = [layout] * videos, None
+        target.videos, target.frame_traces, target.video_scoring = [layout] * videos, None, None
         if layout.frame_keeps is None:
             output = stock(pixel_values_videos, **{key: value for key, value in kwargs.items() if value is not None})
             self._trace_without_language_stage(target)
@@ -387,7 +389,7 @@ class LlavaNextFamily:
         tokens = [projected[row, :count] for row, count in enumerate(stage.counts)]
         features = torch.stack([torch.cat(tokens[video * frames : (video + 1) * frames]) for video in range(videos)])
         target.frame_traces = [stage.images[video * frames : (video + 1) * frames] for video in range(videos)]
-        target.add_scoring(stage.scoring_seconds)
+        target.video_scoring = stage.scoring_seconds
         self._trace_without_language_stage(target)
         output = BaseModelOutputWithPooling(pooler_output=features)
         tag_encoding(output, (target.videos, target.frame_traces), stage.scoring_seconds)
@@ -462,7 +464,8 @@ class LlavaNextFamily:
             image, video = encoded.get("image"), encoded.get("video")
             layouts, crop_traces = encoding_tag(image, "image") if image is not None else ([], None)
             videos, frame_traces = encoding_tag(video, "video") if video is not None else ([], None)
-            self.prompt = _Prompt(layouts, crop_traces, videos, frame_traces, scoring_seconds(image, video))
+            self.prompt = _Prompt(layouts, crop_traces, videos, frame_traces)
+            self.prompt.image_scoring, self.prompt.video_scoring = encoding_scoring(image), encoding_scoring(video)
             self._pending = None
         else:
             self.prompt = None

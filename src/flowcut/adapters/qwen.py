@@ -32,12 +32,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from flowcut.adapters.language import (
     DecoderPruner,
     decoder_pruner,
+    encoding_scoring,
     encoding_tag,
     images_key,
     prompt_layout,
     prompt_order_budgets,
-    scoring_seconds,
     tag_encoding,
+    total_scoring_seconds,
 )
 from flowcut.adapters.processor import adapt_processor, check_media_placeholders, restore_processor
 from flowcut.adapters.qwen_vision import QwenVisionAdapter
@@ -382,7 +383,7 @@ class QwenFamily:
         encodings = (kwargs.get("mm_encoder_outputs") or {}).values()
         self.prompt = None
         if images or videos:
-            timed = scoring_seconds(*encodings)
+            timed = total_scoring_seconds(*(encoding_scoring(encoding) for encoding in encodings))
             self.prompt = _Prompt(images, videos, image_grid_thw, video_grid_thw, timed)
         prompt = self.prompt
         if prompt is not None and input_ids is not None:

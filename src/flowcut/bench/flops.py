@@ -33,7 +33,6 @@ class VisionShape:
     """Tokens every layer processes besides the patches (CLIP's CLS)."""
     temporal_patch: int = 1
     """Frames per patch."""
-    mlp_matrices: int = 2
 
 
 @dataclass(frozen=True)
@@ -44,9 +43,9 @@ class ProjectorShape:
     patches, side by side (``4·vision → 4·vision → text``).
     """
 
-    input: int
-    hidden: int
-    output: int
+    in_features: int
+    hidden_features: int
+    out_features: int
 
 
 @dataclass(frozen=True)
@@ -76,10 +75,10 @@ class PrefillFlops:
 
 
 def vision_layer_flops(shape: VisionShape, tokens: int) -> int:
-    """One encoder layer over ``tokens`` tokens (CLS included)."""
+    """One encoder layer over ``tokens`` tokens (class tokens included)."""
     projections = 4 * tokens * shape.hidden * shape.hidden  # q, k, v, out
     attention = 2 * tokens * tokens * shape.hidden  # scores and weighted sum
-    mlp = shape.mlp_matrices * tokens * shape.hidden * shape.intermediate
+    mlp = 2 * tokens * shape.hidden * shape.intermediate
     return 2 * (projections + attention + mlp)
 
 
@@ -101,7 +100,7 @@ def scoring_flops(hidden: int, scored_tokens: Sequence[int]) -> int:
 
 def projector_flops(shape: ProjectorShape, tokens: int) -> int:
     """The two-layer projector over ``tokens`` of its inputs."""
-    return 2 * tokens * (shape.input * shape.hidden + shape.hidden * shape.output)
+    return 2 * tokens * (shape.in_features * shape.hidden_features + shape.hidden_features * shape.out_features)
 
 
 def text_layer_flops(shape: TextShape, tokens: int) -> int:
@@ -132,7 +131,7 @@ def prefill_flops(
     projector: ProjectorShape | None = None,
     projector_tokens: int | None = None,
 ) -> PrefillFlops:
-    """FLOPs of one image's prefill.
+    """FLOPs of one prefill with one image or video.
 
     ``vision_tokens_per_layer``: patches each executed encoder layer processed (a pruning trace's
     ``tokens_per_layer``), or one such list per encoder pass (a video's frames, LLaVA-NeXT's crops);

@@ -4,8 +4,9 @@ On CUDA this is the caching allocator's own peak (``torch.cuda.max_memory_alloca
 includes kernels' workspaces. Elsewhere no allocator statistics exist, so :class:`LiveTensorBytes`
 counts the bytes of every tensor storage the call's operators create while it is alive: the
 activations, caches and outputs of the call, without the inner buffers of fused kernels (for
-example, inside SDPA's CPU kernel). Both leave out the weights and the inputs, which exist before
-the call.
+example, inside SDPA's CPU kernel) and without growth of a storage after it was made (``resize_``,
+``out=`` into an empty tensor; model forwards do not rely on them). Both leave out the weights and
+the inputs, which exist before the call.
 """
 
 from __future__ import annotations

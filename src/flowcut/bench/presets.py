@@ -37,7 +37,8 @@ class Preset:
     frames: int = 0
     """Frames per video of a video model (Video-LLaVA); 0 for image models."""
     family: str = "llava"
-    """``llava``, ``video-llava``, ``llava-next`` or ``qwen2-vl``: which architecture the shapes describe."""
+    """The architecture the shapes describe, by its transformers model type: ``llava``, ``video_llava``,
+    ``llava_next`` or ``qwen2_vl``."""
     picture_size: int | None = None
     """Side of the default square picture the benchmark asks about (None: the shapes-VQA picture as it is,
     336 px). LLaVA-NeXT's 672-px picture is a 2×2 grid of crops plus the base view; Qwen2-VL's token count
@@ -60,7 +61,7 @@ PRESETS = {
         "Video-LLaVA-7B: 8 frames through CLIP ViT-L/14-224 (24 layers, 256 patches each) + Vicuna-7B",
         image_size=224,
         frames=8,
-        family="video-llava",
+        family="video_llava",
         **CLIP_VIT_L_14,
         **VICUNA_7B,
     ),
@@ -68,7 +69,7 @@ PRESETS = {
         "LLaVA-NeXT-7B (Vicuna): a 672-px picture as 4 crops + the base view through CLIP ViT-L/14-336 "
         "(2,880 patches, 2,928 tokens with image newlines) + Vicuna-7B",
         image_size=336,
-        family="llava-next",
+        family="llava_next",
         picture_size=672,
         **CLIP_VIT_L_14,
         **VICUNA_7B,
@@ -77,7 +78,7 @@ PRESETS = {
         "Qwen2-VL-7B: a 672-px picture through its 32-layer, 1280-wide ViT (2,304 patches, merged 2×2 into "
         "576 tokens) + a 28-layer, 3584-wide Qwen2 with 4 key-value heads",
         image_size=672,
-        family="qwen2-vl",
+        family="qwen2_vl",
         picture_size=672,
         patch_size=14,
         vision_hidden=1280,
@@ -127,7 +128,7 @@ def build_preset(
         "text_heads": text_heads,
         "text_kv_heads": text_kv_heads,
     }
-    if preset.family == "qwen2-vl":  # image_size: the largest picture, in pixels per side
+    if preset.family == "qwen2_vl":  # image_size: the largest picture, in pixels per side
         return build_tiny_qwen("2", max_pixels=preset.image_size**2, **widths)
-    builders = {"llava": build_tiny_llava, "video-llava": build_tiny_video_llava, "llava-next": build_tiny_llava_next}
+    builders = {"llava": build_tiny_llava, "video_llava": build_tiny_video_llava, "llava_next": build_tiny_llava_next}
     return builders[preset.family](image_size=preset.image_size, **widths)

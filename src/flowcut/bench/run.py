@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import transformers
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from flowcut.api import apply, check_applicable
 from flowcut.bench.flops import PrefillFlops, ProjectorShape, TextShape, VisionShape, prefill_flops
@@ -74,8 +75,9 @@ class BenchResult:
     flops: PrefillFlops | None
     """None for model families the analytic count does not cover."""
     new_tokens: int
-    peak_prefill_bytes: int = 0
-    """Peak memory of a prefill above what was allocated before it (weights and inputs excluded)."""
+    peak_prefill_bytes: int | None = None
+    """Peak memory of a prefill above what was allocated before it (weights and inputs excluded); None: not
+    measured."""
 
     def median(self, name: str) -> float:
         """Median milliseconds of ``"vision"``, ``"prefill"``, ``"generate"`` or ``"first_token"``."""
@@ -129,7 +131,7 @@ def _cache_bytes(cache: Any) -> int:
 
 
 LLAVA_FAMILIES = ("llava", "video_llava", "llava_next", "llava_next_video")
-"""CLIP towers with a CLS token and LLaVA's two-layer projector."""
+"""A ViT (CLIP: one CLS token) and LLaVA's two-layer projector."""
 CROP_FAMILIES = ("llava_next", "llava_next_video")
 """Images encoded as several crops (anyres), each an encoder pass."""
 QWEN_FAMILIES = ("qwen2_vl",)
@@ -139,7 +141,7 @@ QWEN_FAMILIES = ("qwen2_vl",)
 def model_shapes(
     model: torch.nn.Module, patches: int | None = None
 ) -> tuple[VisionShape, ProjectorShape, TextShape] | None:
-    """The FLOP-counting shapes of a model, or None for a family the analytic count does not cover.
+    """The FLOP-counting shapes of a model, or None for a model the analytic count does not cover.
 
     ``patches``: patches per encoder pass for dynamic-resolution towers (Qwen2-VL), which have no fixed grid.
     """
@@ -154,9 +156,17 @@ def model_shapes(
         text.vocab_size,
     )
     if config.model_type in LLAVA_FAMILIES:
+        if not isinstance(config.vision_feature_layer, int):
+            return None  # several feature layers side by side: a wider projector input than counted here
         grid = vision.image_size // vision.patch_size
+        class_tokens = 1 if vision.model_type == "clip_vision_model" else 0  # SigLIP towers have no CLS
         shape = VisionShape(
-            vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, vision.patch_size, grid**2
+            vision.hidden_size,
+            vision.intermediate_size,
+            vision.num_hidden_layers,
+            vision.patch_size,
+            grid**2,
+            class_tokens=class_tokens,
         )
         return shape, ProjectorShape(vision.hidden_size, text.hidden_size, text.hidden_size), text_shape
     if config.model_type in QWEN_FAMILIES:
@@ -173,9 +183,14 @@ def model_shapes(
             class_tokens=0,
             temporal_patch=vision.temporal_patch_size,
         )
-        merged = width * vision.spatial_merge_size**2
+        merged = width * _merge_group(model)
         return shape, ProjectorShape(merged, merged, text.hidden_size), text_shape
     return None
+
+
+def _merge_group(model: torch.nn.Module) -> int:
+    """Patches Qwen2-VL's merger fuses into one token (2×2)."""
+    return model.config.vision_config.spatial_merge_size**2
 
 
 def environment(model: torch.nn.Module) -> dict[str, Any]:
@@ -213,8 +228,10 @@ def benchmark(
     ``generate=False`` times the encoder and the prefill only (large models on a CPU);
     ``memory=False`` skips the peak-memory pass.
     """
-    if rounds < 1 or warmup < 0 or new_tokens < 2:
-        raise ValueError("rounds must be at least 1, warmup at least 0 and new_tokens at least 2")
+    if rounds < 1 or warmup < 0:
+        raise ValueError("rounds must be at least 1 and warmup at least 0")
+    if generate and new_tokens < 2:
+        raise ValueError("new_tokens must be at least 2 (decode speed compares it with a one-token generate)")
     check_applicable(model, [setting.config() for setting in settings if setting.method is not None])
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     timed = _timer(device)
@@ -282,25 +299,35 @@ def _prompt(
 
 
 def _encoder_passes(model: torch.nn.Module, trace: Any, inputs: Any) -> list[list[int]]:
-    """Per encoder pass (an image, a crop, a frame or a temporal slice), the patches each layer processed."""
+    """Per encoder pass (an image, a crop, a frame or a temporal slice), the patches each layer processed.
+
+    Passes the trace does not describe (the stock model, or media the encoder stage left whole) ran every
+    layer over every patch.
+    """
     family = model.config.model_type
     video = inputs.get("pixel_values_videos") is not None
     traced: list[Any] = []
     if trace is not None:
         if video:
-            traced = trace.videos[0]
+            traced = (trace.videos or [[]])[0]  # None: the video took the stock path
         else:
             traced = trace.images if family in CROP_FAMILIES else trace.images[:1]
-    if family in QWEN_FAMILIES:
-        group = model.config.vision_config.spatial_merge_size**2
-        slices, rows, columns = (int(v) for v in inputs["video_grid_thw" if video else "image_grid_thw"][0])
-        stock = [[rows * columns] * model.config.vision_config.depth] * slices
-        # Qwen traces count merge groups; the tower's layers process their patches.
-        return [[group * units for units in t.tokens_per_layer] for t in traced] or stock
     vision = model.config.vision_config
+    if family in QWEN_FAMILIES:
+        slices, rows, columns = (int(v) for v in inputs["video_grid_thw" if video else "image_grid_thw"][0])
+        # Qwen traces count merge groups; the tower's layers process their patches.
+        group = _merge_group(model)
+        return [[group * units for units in t.tokens_per_layer] for t in traced] or [
+            [rows * columns] * vision.depth
+        ] * slices
     patches = (vision.image_size // vision.patch_size) ** 2
-    pixels = inputs["pixel_values_videos" if video else "pixel_values"]
-    passes = pixels.shape[1] if video or family in CROP_FAMILIES else 1
+    if video:
+        passes = inputs["pixel_values_videos"].shape[1]  # frames
+    elif family in CROP_FAMILIES:
+        image_size = inputs["image_sizes"][0].tolist()
+        passes = image_size_to_num_patches(image_size, model.config.image_grid_pinpoints, vision.image_size)
+    else:
+        passes = 1
     return [t.tokens_per_layer for t in traced] or [[patches] * vision.num_hidden_layers] * passes
 
 
@@ -323,16 +350,17 @@ def _result(
         kept = trace.language_positions.shape[1]
     visual = entering if kept is None else kept - prompt_tokens
     flops = None
-    if model.config.model_type in LLAVA_FAMILIES + QWEN_FAMILIES:
-        passes = _encoder_passes(model, trace, inputs)
-        vision_shape, projector, text_shape = model_shapes(model, patches=passes[0][0])
+    passes = _encoder_passes(model, trace, inputs) if model.config.model_type in LLAVA_FAMILIES + QWEN_FAMILIES else []
+    shapes = model_shapes(model, patches=passes[0][0]) if passes else None
+    if shapes is not None:
+        vision_shape, projector, text_shape = shapes
         language = None
         if kept is not None:
             layer = get_method(setting.method).language_layer
             language = [length] * (layer + 1) + [kept] * (text_shape.layers - layer - 1)
         projected = entering
         if model.config.model_type in QWEN_FAMILIES:  # the merger maps each 2×2 group of patches
-            projected = sum(layers[-1] for layers in passes) // model.config.vision_config.spatial_merge_size**2
+            projected = sum(layers[-1] for layers in passes) // _merge_group(model)
         elif model.config.model_type in CROP_FAMILIES and not video:  # projected before newlines are added
             projected = sum(layers[-1] for layers in passes)
         flops = prefill_flops(
@@ -370,7 +398,8 @@ def to_markdown(results: Sequence[BenchResult], env: dict[str, Any]) -> str:
             cells.append(f"{result.median(name):.1f} ({min(values):.1f}–{max(values):.1f})" if values else "–")
         decode = result.decode_tokens_per_second
         cells.append("–" if decode is None else f"{decode:.1f}")
-        cells.append(f"{result.peak_prefill_bytes / 2**20:.1f}" if result.peak_prefill_bytes else "–")
+        peak = result.peak_prefill_bytes
+        cells.append("–" if peak is None else f"{peak / 2**20:.1f}")
         cells.append(f"{result.kv_cache_bytes / 2**20:.2f}")
         cells.append("–" if result.flops is None else f"{result.flops.total / 1e9:.2f}")
         cells.append(f"{reference.median('prefill') / result.median('prefill'):.2f}×")
