@@ -81,7 +81,10 @@ def test_flowcut_prefill_matches_the_flop_counter(eager):
         for tokens, ratio in zip(record.tokens_per_layer, record.entropy_ratios, strict=True)
         if ratio is not None
     ]
-    assert counted == expected.total + scoring_flops(vision.hidden, scored)
+    # FlowCut's CLS-row scores are broadcast products, which the counter (matrix products only) leaves
+    # out, as the paper's convention does; their cost is a small fraction of the pass.
+    assert counted == expected.total
+    assert scoring_flops(vision.hidden, scored) < expected.vision / 100
     stock_layers = [vision.num_patches] * vision.layers
     stock = prefill_flops(vision, text, stock_layers, vision.num_patches, length - 16, head_tokens=length)
     assert expected.total < stock.total / 2
@@ -89,7 +92,7 @@ def test_flowcut_prefill_matches_the_flop_counter(eager):
 
 @pytest.mark.parametrize("family", ["qwen2-vl", "llava-next"])
 def test_two_stage_family_prefill_flops_match_the_flop_counter(family):
-    """Stock: exact. Pruned: the analytic count plus FlowCut's own scoring products, which it leaves out (< 1 %)."""
+    """Stock: exact. Pruned: the analytic count plus the language stage's scoring products (< 1 %)."""
     if family == "qwen2-vl":
         model, processor = build_tiny_qwen("2", attn_implementation="eager", max_pixels=64 * 64)
         image = make_image(0).resize((64, 64))
@@ -107,4 +110,4 @@ def test_two_stage_family_prefill_flops_match_the_flop_counter(family):
             assert counted == expected
         else:
             handle.remove()
-            assert 0 < counted - expected < expected / 100, setting.label
+            assert 0 <= counted - expected < expected / 100, setting.label

@@ -90,10 +90,11 @@ def vision_flops(shape: VisionShape, tokens_per_layer: Sequence[int]) -> int:
 
 
 def scoring_flops(hidden: int, scored_tokens: Sequence[int]) -> int:
-    """FlowCut's own score matrix products: the CLS row of attention and of value similarity per scored layer.
+    """FlowCut's own score products: the CLS row of attention and of value similarity per scored layer.
 
     ``scored_tokens``: the patch count of each scored layer (CLS is added); each costs two
-    ``1 × tokens × hidden`` products. Everything else in the score is elementwise.
+    ``1 × tokens × hidden`` products, computed as broadcast products (so a counter of matrix
+    products does not see them). Everything else in the score is elementwise.
     """
     return sum(2 * 2 * (patches + 1) * hidden for patches in scored_tokens)
 
