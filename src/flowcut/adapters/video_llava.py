@@ -22,6 +22,7 @@ from transformers import VideoLlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from flowcut.adapters.clip import ClipEncoderAdapter
+from flowcut.adapters.language import total_scoring_seconds
 from flowcut.adapters.llava import LlavaFamily, feature_layer_index
 from flowcut.adapters.processor import adapt_processor, check_placeholder_count
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
@@ -140,8 +141,7 @@ class VideoLlavaFamily(LlavaFamily):
                 selected = self.method.run(call)
             for row, frame in enumerate(chosen):
                 features[frame], traces[frame] = selected.features[row], selected.images[row]
-            if selected.scoring_seconds is not None:
-                scoring_seconds = (scoring_seconds or 0.0) + selected.scoring_seconds
+            scoring_seconds = total_scoring_seconds(scoring_seconds, selected.scoring_seconds)
         video_features = torch.cat(features).view(videos, per_video, -1)
         frame_traces = [traces[video * frames : (video + 1) * frames] for video in range(videos)]
         self._video_trace(frame_traces, feature_layer, scoring_seconds)

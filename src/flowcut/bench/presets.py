@@ -113,7 +113,7 @@ def build_preset(
     text_heads, text_kv_heads = preset.text_heads, preset.text_kv_heads
     if smoke:
         text_heads, text_kv_heads = 4, min(4, text_kv_heads)
-    widths = {
+    options = {
         "seed": seed,
         "patch_size": preset.patch_size,
         "dtype": dtype,
@@ -129,6 +129,6 @@ def build_preset(
         "text_kv_heads": text_kv_heads,
     }
     if preset.family == "qwen2_vl":  # image_size: the largest picture, in pixels per side
-        return build_tiny_qwen("2", max_pixels=preset.image_size**2, **widths)
+        return build_tiny_qwen("2", max_pixels=preset.image_size**2, **options)
     builders = {"llava": build_tiny_llava, "video_llava": build_tiny_video_llava, "llava_next": build_tiny_llava_next}
-    return builders[preset.family](image_size=preset.image_size, **widths)
+    return builders[preset.family](image_size=preset.image_size, **options)

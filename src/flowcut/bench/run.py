@@ -244,8 +244,7 @@ def benchmark(
                 inputs, encode = _prompt(model, processor, image, video, prompt, device, dtype)
                 with torch.inference_mode():
                     vision_ms, _ = timed(encode)
-                    # Logits of the last position only, as generate() computes them in its prefill.
-                    prefill_ms, output = timed(partial(model, **inputs, use_cache=True, logits_to_keep=1))
+                    prefill_ms, output = timed(_prefill(model, inputs))
                     # The prefill's encoder pass is the encoder call's work again; every family traces a prefill.
                     scoring_ms = handle.last_trace.scoring_ms if setting.method == "flowcut" else None
                     if generate:
@@ -269,8 +268,7 @@ def benchmark(
         for setting in settings:
             with _applied(model, processor, setting), torch.inference_mode():
                 inputs, _ = _prompt(model, processor, image, video, prompt, device, dtype)
-                prefill = partial(model, **inputs, use_cache=True, logits_to_keep=1)
-                results[setting].peak_prefill_bytes, _ = peak_bytes(prefill, device)
+                results[setting].peak_prefill_bytes, _ = peak_bytes(_prefill(model, inputs), device)
     return [results[setting] for setting in settings]
 
 
@@ -283,6 +281,11 @@ def _applied(model: torch.nn.Module, processor: Any, setting: BenchSetting) -> I
     finally:
         if handle is not None:
             handle.remove()
+
+
+def _prefill(model: torch.nn.Module, inputs: Any) -> Callable[[], Any]:
+    """The prefill the benchmark times and measures: logits of the last position only, as generate()'s."""
+    return partial(model, **inputs, use_cache=True, logits_to_keep=1)
 
 
 def _prompt(

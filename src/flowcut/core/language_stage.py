@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from flowcut.core.scoring import score_dtype
+from flowcut.core.scoring import row_logits, score_dtype
 
 SCORES = ("attention", "flowcut")
 """``"attention"``: attention received from the last token (FastV); ``"flowcut"``: SPEC §3's score."""
@@ -55,7 +55,7 @@ def last_token_scores(
     last_query = query[rows, :, last_index].to(dtype)  # (B, H, d)
     keys = _per_query_head(key, heads).to(dtype)
     values = _per_query_head(value, heads).to(dtype)
-    relation_logits = torch.einsum("bhd,bhld->bhl", last_query, keys) * scaling
+    relation_logits = row_logits(last_query, keys) * scaling
     if score == "attention":
         # The layer's real attention probabilities: softmax over every key the last token sees.
         received = _row_softmax(relation_logits, visible)
@@ -63,7 +63,7 @@ def last_token_scores(
     visual_keys = visual & visible
     relation = _row_softmax(relation_logits, visual_keys)
     last_value = values[rows, :, last_index]
-    semantic = _row_softmax(torch.einsum("bhd,bhld->bhl", last_value, values) * scaling, visual_keys)
+    semantic = _row_softmax(row_logits(last_value, values) * scaling, visual_keys)
     density = values.mean(dim=1).abs().sum(dim=-1)
     combined = (relation / relation.sum(-1, keepdim=True) + semantic / semantic.sum(-1, keepdim=True)) * density
     return combined.masked_fill(~visual_keys, float("-inf"))

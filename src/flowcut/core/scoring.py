@@ -31,15 +31,22 @@ def row_attention(
     return _row_softmax(query_row, key, scaling, alive).mean(dim=1)
 
 
+def row_logits(query_row: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Unscaled logits of one query row per head against every key: ``(B,H,d),(B,H,K,d) -> (B,H,K)``.
+
+    A broadcast product summed over d, not a matmul: attention hands over keys as a strided view,
+    which a batched matmul with a one-row query first copies (about 25× slower on CPU at LLaVA-NeXT's
+    5 crops × 577 tokens × 16 heads); each image's row is also computed alone, whatever the batch.
+    """
+    return (key * query_row[..., None, :]).sum(dim=-1)
+
+
 def _row_softmax(
     query_row: torch.Tensor, key: torch.Tensor, scaling: float, alive: torch.Tensor | None
 ) -> torch.Tensor:
     """Per-head softmax of one query row over all alive keys: ``(B,H,1,d),(B,H,K,d) -> (B,H,K)``."""
     dtype = score_dtype(query_row.dtype)
-    # A broadcast product summed over d, not a matmul: attention hands over keys as a strided view,
-    # which a batched matmul with a one-row query first copies (about 25× slower on CPU at LLaVA-NeXT's
-    # 5 crops × 577 tokens × 16 heads); each image's row is also computed alone, whatever the batch.
-    logits = (key.to(dtype) * query_row.to(dtype)).sum(dim=-1) * scaling
+    logits = row_logits(query_row.to(dtype).squeeze(-2), key.to(dtype)) * scaling
     if alive is not None:
         logits = logits.masked_fill(~alive[:, None, :], float("-inf"))
     return logits.softmax(dim=-1)
