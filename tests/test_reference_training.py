@@ -76,6 +76,23 @@ def test_two_step_training_run_is_reproducible_and_loadable(tmp_path):
     assert not (tmp_path / "vision_stage1.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_stage2_bf16_option_changes_only_the_language_side(tmp_path):
+    small = ["--vision-layers", "1", "--vision-hidden", "32", "--text-layers", "1", "--text-hidden", "32"]
+    steps = ["--pretrain-steps", "1", "--stage1-steps", "1", "--stage2-steps", "2", "--warmup-steps", "1"]
+    batches = ["--stage1-batch", "2", "--stage2-batch", "2", "--turns", "2"]
+    for run, flag in (("float32", "false"), ("bf16", "true")):
+        main(["--output", str(tmp_path / run), *small, *steps, *batches, "--stage2-bf16", flag])
+    float32, bf16 = (load_file(tmp_path / run / "model.safetensors") for run in ("float32", "bf16"))
+    vision = [name for name in float32 if "vision_tower" in name]
+    assert vision and all(torch.equal(float32[name], bf16[name]) for name in vision)
+    head = next(name for name in float32 if name.endswith("lm_head.weight"))
+    assert not torch.equal(float32[head], bf16[head])
+    assert json.loads((tmp_path / "bf16" / "training_log.json").read_text())["recipe"]["stage2_bf16"] is True
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path / "bad"), "--stage2-bf16", "maybe"])
+
+
 def test_scene_targets_describe_each_present_pair():
     objects = (ShapeObject("circle", "red", "large", 56, 28), ShapeObject("square", "blue", "small", 14, 84))
     targets = scene_targets(objects, 112)

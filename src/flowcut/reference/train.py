@@ -90,6 +90,10 @@ class Recipe:
     position_scale: float = 0.5
     location_weight: float = 5.0
     """Weight of the stage-1 location loss (mean squared error of the present pairs' centres, as image fractions)."""
+    stage2_bf16: bool = False
+    """Run stage 2's forward passes under bfloat16 autocast (weights and optimiser stay float32). Faster on CPUs
+    with AMX (on 2 cores: 1.95 against 2.25 s per step, the batch-building worker included); slower on CPUs
+    without bfloat16 units, and the weights differ from a float32 run."""
 
     def model_options(self) -> dict[str, int]:
         """Keyword arguments of :func:`flowcut.tiny.build_tiny_llava` for this architecture."""
@@ -326,7 +330,8 @@ def train_language(model: LlavaForConditionalGeneration, processor: LlavaProcess
     for step, batch in enumerate(batches):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, recipe.stage2_steps, recipe.stage2_lr, recipe.warmup_steps)
-        output = model(**batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.stage2_bf16):
+            output = model(**batch)
         output.loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -378,13 +383,23 @@ def train(output: Path, recipe: Recipe, stages: tuple[int, ...] = (1, 2)) -> Pat
     return output
 
 
+def _parse_flag(text: str) -> bool:
+    """``true``/``false`` (also ``1``/``0``, ``yes``/``no``) for boolean recipe fields."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, required=True, help="directory for the trained model")
     parser.add_argument("--stage", type=int, choices=(1, 2), action="append", help="run only this stage")
     defaults = Recipe()
     for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        kind = _parse_flag if isinstance(value, bool) else type(value)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
     arguments = vars(parser.parse_args(argv))
     output, stages = arguments.pop("output"), tuple(arguments.pop("stage") or (1, 2))
     train(output, Recipe(**arguments), stages)
