@@ -90,7 +90,7 @@ def test_stage2_bf16_option_changes_only_the_language_side(tmp_path):
     assert not torch.equal(float32[head], bf16[head])
     assert json.loads((tmp_path / "bf16" / "training_log.json").read_text())["recipe"]["stage2_bf16"] is True
     with pytest.raises(SystemExit):
-        main(["--output", str(tmp_path / "bad"), "--stage2-bf16", "maybe"])
+        main(["--output", str(tmp_path / "bad"), *small, *steps, *batches, "--stage2-bf16", "maybe"])
 
 
 def test_scene_targets_describe_each_present_pair():
