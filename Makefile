@@ -4,8 +4,12 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The oldest transformers release of the verified range (flowcut.compat.OLDEST_VERIFIED; pyproject.toml's
+# lower bound). `make test` runs on the newest release the range allows, `make test-oldest` on this one.
+OLDEST_TRANSFORMERS := 5.21.0
+OLDEST_VENV := .venv-oldest
 
-.PHONY: demo test lint eval reference-model clean
+.PHONY: demo test test-oldest lint eval reference-model clean
 
 $(BIN)/flowcut: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +35,21 @@ reference-model: $(BIN)/flowcut
 test: $(BIN)/flowcut
 	$(BIN)/python -m pytest -q
 
+$(OLDEST_VENV)/bin/flowcut: pyproject.toml Makefile
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/pip install --quiet torch==2.13.0
+	$(OLDEST_VENV)/bin/pip install --quiet -e ".[test]" "transformers==$(OLDEST_TRANSFORMERS)"
+	touch $@
+
+# The same suite on the oldest supported transformers (CI runs both ends of the verified range).
+test-oldest: $(OLDEST_VENV)/bin/flowcut
+	$(OLDEST_VENV)/bin/python -m pytest -q
+
 lint: $(BIN)/flowcut
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) build .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) build .pytest_cache

@@ -18,14 +18,17 @@ keep=64
 
 step() { echo "== [${SECONDS}s] $*"; }
 
-if [ ! -f "$venv/.installed" ] || [ pyproject.toml -nt "$venv/.installed" ]; then
+# Every package of the environment is pinned (scripts/locks/lmms.txt, torch included), so a new release of
+# any dependency cannot change what this script verifies (filelock 4.3 removed the module lmms-eval 0.7.3 reads).
+lock=scripts/locks/lmms.txt
+if [ ! -f "$venv/.installed" ] || [ pyproject.toml -nt "$venv/.installed" ] || [ "$lock" -nt "$venv/.installed" ]; then
 	step "building $venv (log: $venv/install.log)"
+	rm -rf "$venv"
 	"$python" -m venv "$venv"
-	echo "torch==2.13.0" >"$venv/constraints.txt"
 	{
 		"$venv/bin/pip" install --upgrade pip &&
 			"$venv/bin/pip" install torch==2.13.0 &&
-			"$venv/bin/pip" install -c "$venv/constraints.txt" -e ".[lmms,test]"
+			"$venv/bin/pip" install -c "$lock" -e ".[lmms,test]"
 	} >"$venv/install.log" 2>&1 || {
 		tail -40 "$venv/install.log"
 		exit 1

@@ -30,6 +30,19 @@ def make_image(seed: int, size: int = 84) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Every run states what it tested against (shown with -q too)."""
+    import transformers
+
+    from flowcut import compat
+
+    verified = "verified range" if compat.is_verified() else "OUTSIDE the verified range"
+    terminalreporter.write_line(
+        f"flowcut tested with transformers {transformers.__version__} ({verified} {compat.VERIFIED_TRANSFORMERS}), "
+        f"torch {torch.__version__}"
+    )
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)

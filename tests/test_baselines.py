@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import flowcut
+from flowcut import compat
 from flowcut.methods import get_method, method_names
 from flowcut.methods.divprune import max_min_diverse
 from flowcut.methods.pool import cell_centres, pool_grid, pool_patches
@@ -89,7 +90,7 @@ def test_visionzip_keeps_cls_and_top_attended_patches_and_merges_the_rest_by_key
 def test_visionzip_on_the_model_equals_the_definition_on_stock_tensors(tiny, images):
     model, processor = tiny
     batch = pixels(processor, images)
-    model.config.vision_config._attn_implementation = "eager"
+    compat.set_attention_implementation(model.config.vision_config, "eager")
     with torch.no_grad():
         stock = model.model.vision_tower(batch, output_attentions=True, output_hidden_states=True)
         # The feature layer is layer -2; its keys come from its own input after its first layer norm.
@@ -97,7 +98,7 @@ def test_visionzip_on_the_model_equals_the_definition_on_stock_tensors(tiny, ima
         attention = layer.self_attn
         keys = attention.k_proj(layer.layer_norm1(stock.hidden_states[-3]))
         keys = keys.unflatten(-1, (attention.num_heads, attention.head_dim)).mean(dim=2)
-    model.config.vision_config._attn_implementation = "sdpa"
+    compat.set_attention_implementation(model.config.vision_config, "sdpa")
     cls_attention = stock.attentions[-2][:, :, 0].sum(dim=1)  # summed over heads
     handle = flowcut.apply(model, keep=KEEP, method="visionzip")
     with torch.no_grad():

@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGener
 
 import flowcut
 from conftest import PROMPT, make_image
+from flowcut import compat
 from flowcut.tiny import build_tiny_llava, tiny_llava_config
 
 
@@ -164,9 +165,9 @@ def test_config_round_trip(tmp_path):
 def test_unsupported_vision_attention_implementation(tiny, images):
     model, processor = tiny
     flowcut.apply(model, keep=8)
-    model.model.vision_tower.config._attn_implementation = "flex_attention"
+    compat.set_attention_implementation(model.model.vision_tower.config, "flex_attention")
     pixel_values = processor.image_processor(images[0], return_tensors="pt").pixel_values
     with pytest.raises(ValueError, match="not 'flex_attention'"):
         model.model.get_image_features(pixel_values)
     # The failed pass left the configured implementation in place.
-    assert model.model.vision_tower.config._attn_implementation == "flex_attention"
+    assert compat.attention_implementation(model.model.vision_tower.config) == "flex_attention"

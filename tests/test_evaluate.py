@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 import flowcut
+from flowcut import compat
 from flowcut.cli import DEFAULT_METHODS as CLI_METHODS
 from flowcut.cli import app
 from flowcut.data.shapes import object_patches, samples
@@ -177,4 +178,4 @@ def test_information_flow_per_layer(llava_grid_model):
     assert all(0 <= value <= 1 for value in flow["object_share"])
     assert 0 < flow["object_area"][0] < 0.2
     # The model's own attention implementation is untouched.
-    assert model.model.vision_tower.config._attn_implementation == "sdpa"
+    assert compat.attention_implementation(model.model.vision_tower.config) == "sdpa"

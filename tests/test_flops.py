@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import flowcut
 from conftest import make_image
+from flowcut import compat
 from flowcut.bench.flops import TextShape, VisionShape, prefill_flops, scoring_flops, vision_layer_flops
 from flowcut.bench.run import BenchSetting, _result
 from flowcut.prompting import prompt_inputs
@@ -26,8 +27,8 @@ def test_layer_flops_by_hand():
 @pytest.fixture
 def eager():
     model, processor = build_tiny_llava(seed=0, vision_layers=8, text_layers=3, initializer_factor=6.0)
-    model.config.vision_config._attn_implementation = "eager"
-    model.config.text_config._attn_implementation = "eager"
+    compat.set_attention_implementation(model.config.vision_config, "eager")
+    compat.set_attention_implementation(model.config.text_config, "eager")
     config = model.config
     vision = config.vision_config
     text = config.text_config

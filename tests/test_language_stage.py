@@ -11,6 +11,7 @@ import torch
 
 import flowcut
 from conftest import VISION_OPTIONS, make_image
+from flowcut import compat
 from flowcut.core.language_stage import kept_positions, last_token_scores, uniform_budgets
 from flowcut.tiny import build_tiny_llava
 
@@ -99,7 +100,7 @@ def test_fastv_keeps_the_tokens_the_last_token_attends_to_in_layer_1(deep):
     model, processor = deep
     processor.tokenizer.padding_side = "left"
     inputs = _inputs(processor)
-    model.config.text_config._attn_implementation = "eager"
+    compat.set_attention_implementation(model.config.text_config, "eager")
     with torch.no_grad():
         stock = model(**inputs, output_attentions=True)
     received = stock.attentions[1][:, :, -1].mean(1)  # layer 1, last token (left padding), head mean
@@ -120,7 +121,7 @@ def test_fastv_keeps_the_tokens_the_last_token_attends_to_in_layer_1(deep):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_fastv_cached_generation_equals_recomputing_the_pruned_prompt(deep, implementation, side):
     model, processor = deep
-    model.config.text_config._attn_implementation = implementation
+    compat.set_attention_implementation(model.config.text_config, implementation)
     processor.tokenizer.padding_side = side
     inputs = _inputs(processor)
     flowcut.apply(model, processor=processor, keep=KEEP, method="fastv")
@@ -236,7 +237,7 @@ def test_the_delegated_attention_sees_its_own_implementation_name():
     seen = []
 
     def delegated(module, *args, **kwargs):
-        seen.append(module.config._attn_implementation)
+        seen.append(compat.attention_implementation(module.config))
         return "output"
 
     query = torch.zeros(1, 1, 2, 4)
@@ -244,7 +245,7 @@ def test_the_delegated_attention_sees_its_own_implementation_name():
         module, query, query, query, None, flowcut_attention=delegated, flowcut_implementation="flash_attention_2"
     )
     assert result == "output" and seen == ["flash_attention_2"]
-    assert module.config._attn_implementation == RECORDING_ATTENTION
+    assert compat.attention_implementation(module.config) == RECORDING_ATTENTION
 
 
 def test_fastv_keeps_the_same_tokens_and_answer_under_left_or_right_padding(deep):

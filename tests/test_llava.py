@@ -7,6 +7,7 @@ import torch
 
 import flowcut
 from conftest import PROMPT, VISION_OPTIONS, make_image
+from flowcut import compat
 from flowcut.tiny import build_tiny_llava
 from reference_impl import reference_flowcut
 
@@ -78,7 +79,7 @@ def test_exact_budget_and_indices(tiny, images):
     assert int((inputs.input_ids == model.config.image_token_id).sum()) == 3 * KEEP
     with torch.no_grad():
         output = model(**inputs)
-    assert output.image_hidden_states.shape == (3 * KEEP, model.config.text_config.hidden_size)
+    assert compat.output_image_features(output).shape == (3 * KEEP, model.config.text_config.hidden_size)
     for kept in handle.last_trace.kept_indices:
         assert kept.shape == (KEEP,)
         assert kept.unique().numel() == KEEP
@@ -187,7 +188,7 @@ def test_remove_restores_stock(tiny, images):
     model, processor = tiny
     inputs = processor(images=images[0], text=PROMPT, return_tensors="pt")
     stock = forward_logits(model, inputs)
-    implementation = model.model.vision_tower.config._attn_implementation
+    implementation = compat.attention_implementation(model.model.vision_tower.config)
     with flowcut.apply(model, processor=processor, keep=KEEP) as handle:
         pruned_inputs = processor(images=images[0], text=PROMPT, return_tensors="pt")
         assert int((pruned_inputs.input_ids == model.config.image_token_id).sum()) == KEEP
@@ -196,7 +197,7 @@ def test_remove_restores_stock(tiny, images):
         assert flowcut.get_handle(model) is handle
     assert not handle.active and flowcut.get_handle(model) is None
     assert "get_image_features" not in model.model.__dict__
-    assert model.model.vision_tower.config._attn_implementation == implementation
+    assert compat.attention_implementation(model.model.vision_tower.config) == implementation
     assert torch.equal(processor(images=images[0], text=PROMPT, return_tensors="pt").input_ids, inputs.input_ids)
     assert torch.equal(forward_logits(model, inputs), stock)
     assert pruned.shape[1] < stock.shape[1]

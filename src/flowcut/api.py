@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from flowcut import compat
 from flowcut.adapters.llava import LlavaFamily
 from flowcut.adapters.llava_next import LlavaNextFamily, LlavaOnevisionFamily
 from flowcut.adapters.qwen import QwenFamily
@@ -97,6 +98,7 @@ def apply(
     Pass the model's ``processor`` so prompts carry ``keep`` image placeholders per image. Either
     give ``keep``/``method``/``options`` or a ready :class:`FlowCutConfig`, not both.
     """
+    compat.check_transformers_version()
     if config is None:
         config = FlowCutConfig(keep=64 if keep is None else keep, method=method, **options)
     elif keep is not None or options or method != "flowcut":

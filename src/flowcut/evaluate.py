@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from flowcut import compat
 from flowcut.api import apply, check_applicable, get_handle
 from flowcut.config import FlowCutConfig
 from flowcut.core.language_stage import last_real_positions
@@ -315,7 +316,7 @@ def information_flow(model: torch.nn.Module, processor: Any, questions: Sequence
     relies on attention concentrating with depth; these numbers show whether a model does.
     """
     tower = copy.deepcopy(model.model.vision_tower).float().eval()
-    tower.config._attn_implementation = "eager"  # the copy only: attention probabilities are needed
+    compat.set_attention_implementation(tower.config, "eager")  # the copy only: attention probabilities are needed
     pixel_values = processor.image_processor([sample.image for sample in questions], return_tensors="pt").pixel_values
     with torch.inference_mode():
         attentions = tower(pixel_values.to(model.device), output_attentions=True).attentions

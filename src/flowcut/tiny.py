@@ -12,18 +12,22 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    BatchFeature,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
     LlavaNextProcessor,
     LlavaNextVideoConfig,
     LlavaNextVideoForConditionalGeneration,
     LlavaNextVideoProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
     LlavaOnevisionProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
@@ -32,18 +36,16 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
     Qwen2VLProcessor,
     SiglipVisionConfig,
     VideoLlavaConfig,
     VideoLlavaForConditionalGeneration,
     VideoLlavaProcessor,
 )
-from transformers.feature_extraction_utils import BatchFeature
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.video_utils import VideoMetadata, make_batched_videos
+
+from flowcut import compat
+from flowcut.compat import VideoMetadata, make_batched_videos
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 WORDS = (
@@ -191,7 +193,7 @@ def _seeded_model(
     dtype: torch.dtype,
 ) -> torch.nn.Module:
     """``model_class(config)`` in eval mode, weights drawn from ``seed`` (the global generator is left as it was)."""
-    config._attn_implementation = attn_implementation
+    compat.set_attention_implementation(config, attn_implementation)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

@@ -15,9 +15,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from flowcut.compat import (
+    attention_function,
+    attention_implementation,
+    register_attention,
+    set_attention_implementation,
+)
 from flowcut.core.encoder_stage import AttentionRecorder
 
 RECORDING_ATTENTION = "flowcut_recording"
@@ -55,14 +59,15 @@ def _recording_attention(
     if flowcut_implementation is None or config is None:
         return flowcut_attention(module, query, key, value, attention_mask, *args, **kwargs)
     # Implementations that read their own name from the config (FlashAttention does) must see it.
-    recording, config._attn_implementation = config._attn_implementation, flowcut_implementation
+    recording = attention_implementation(config)
+    set_attention_implementation(config, flowcut_implementation)
     try:
         return flowcut_attention(module, query, key, value, attention_mask, *args, **kwargs)
     finally:
-        config._attn_implementation = recording
+        set_attention_implementation(config, recording)
 
 
-AttentionInterface.register(RECORDING_ATTENTION, _recording_attention)
+register_attention(RECORDING_ATTENTION, _recording_attention)
 
 
 def _is_flash(implementation: str | None) -> bool:
@@ -81,20 +86,20 @@ def resolve_attention(implementation: str | None, eager: Callable[..., Any]) -> 
             "FlowCut's encoder stage runs with eager, sdpa or flash attention in the vision tower, "
             f"not {implementation!r}: model.set_attn_implementation('sdpa') selects a supported one"
         )
-    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    return attention_function(implementation, eager)
 
 
 @contextmanager
 def recording_attention(configs: Sequence[Any]) -> Iterator[None]:
     """Switch the given attention configs to the recording implementation for the duration of a pass."""
-    previous = [config._attn_implementation for config in configs]
+    previous = [attention_implementation(config) for config in configs]
     try:
         for config in configs:
-            config._attn_implementation = RECORDING_ATTENTION
+            set_attention_implementation(config, RECORDING_ATTENTION)
         yield
     finally:
         for config, implementation in zip(configs, previous, strict=True):
-            config._attn_implementation = implementation
+            set_attention_implementation(config, implementation)
 
 
 def key_padding_mask(alive: torch.Tensor, implementation: str | None, dtype: torch.dtype) -> torch.Tensor:

@@ -6,9 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from transformers.models.clip import modeling_clip
-from transformers.models.siglip import modeling_siglip
 
+from flowcut import compat
 from flowcut.adapters.attention import attention_context, key_padding_mask, recording_attention, resolve_attention
 from flowcut.core.encoder_stage import AttentionRecord, AttentionRecorder
 from flowcut.core.scoring import CriteriaScores, cls_criteria, global_query_criteria
@@ -19,10 +18,10 @@ class ClipEncoderAdapter:
 
     query_slots = 1
     """CLS sits at slot 0 and scores the patches."""
-    modeling = modeling_clip
-    tower_class = modeling_clip.CLIPVisionModel
-    embeddings_class = modeling_clip.CLIPVisionEmbeddings
-    layer_class = modeling_clip.CLIPEncoderLayer
+    eager_attention = staticmethod(compat.clip_eager_attention)
+    tower_class = compat.CLIPVisionModel
+    embeddings_class = compat.CLIPVisionEmbeddings
+    layer_class = compat.CLIPEncoderLayer
 
     def __init__(self, vision_tower: torch.nn.Module) -> None:
         if not isinstance(vision_tower, self.tower_class):
@@ -58,8 +57,8 @@ class ClipEncoderAdapter:
     @contextmanager
     def session(self) -> Iterator[ClipEncoderAdapter]:
         """Route the tower's attention through the recorder for one pass, then restore it."""
-        self._implementation = self.attention_configs[0]._attn_implementation
-        self._attention = resolve_attention(self._implementation, self.modeling.eager_attention_forward)
+        self._implementation = compat.attention_implementation(self.attention_configs[0])
+        self._attention = resolve_attention(self._implementation, self.eager_attention)
         with recording_attention(self.attention_configs):
             try:
                 yield self
@@ -87,7 +86,7 @@ class ClipEncoderAdapter:
         mask = None if alive is None else key_padding_mask(alive, self._implementation, hidden_states.dtype)
         layer = self.layers[index]
         with attention_context(layer.self_attn, recorder, self._attention, self._implementation):
-            return layer(hidden_states, mask)
+            return compat.run_vision_layer(layer, hidden_states, mask)
 
     def criteria(self, record: AttentionRecord, alive: torch.Tensor | None) -> CriteriaScores:
         """CLS-view criteria (SPEC §2 steps 1–3)."""
@@ -98,10 +97,10 @@ class SiglipEncoderAdapter(ClipEncoderAdapter):
     """Runs a ``SiglipVisionModel`` (no CLS token) layer by layer; patches are scored from the global token."""
 
     query_slots = 0
-    modeling = modeling_siglip
-    tower_class = modeling_siglip.SiglipVisionModel
-    embeddings_class = modeling_siglip.SiglipVisionEmbeddings
-    layer_class = modeling_siglip.SiglipEncoderLayer
+    eager_attention = staticmethod(compat.siglip_eager_attention)
+    tower_class = compat.SiglipVisionModel
+    embeddings_class = compat.SiglipVisionEmbeddings
+    layer_class = compat.SiglipEncoderLayer
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch embeddings with position embeddings, as ``SiglipVisionTransformer`` computes them."""

@@ -12,13 +12,13 @@ right positions. Everything is done with hooks on one model instance and removed
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from flowcut import compat
 from flowcut.adapters.attention import RECORDING_ATTENTION, resolve_attention
 from flowcut.core.encoder_stage import AttentionRecorder
 from flowcut.core.language_stage import (
@@ -182,7 +182,7 @@ def decoder_pruner(
     """A :class:`DecoderPruner` on a decoder-only language model's layers, with the attention they use."""
     layers = list(language_model.layers)
     attention = layers[0].self_attn
-    eager = sys.modules[type(attention).__module__].eager_attention_forward
+    eager = compat.eager_attention(attention)
     return DecoderPruner(layers, attention.config, eager, layer, budgets, score, on_prune)
 
 
@@ -269,37 +269,37 @@ class DecoderPruner:
 
     def _flash(self) -> bool:
         """Whether the decoder attends with FlashAttention (which takes 2-D masks of real tokens)."""
-        implementation = self.config._attn_implementation
+        implementation = compat.attention_implementation(self.config)
         return isinstance(implementation, str) and implementation.startswith("flash")
 
     # -- hooks ----------------------------------------------------------------------------------
 
     def _before_scoring_layer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        hidden_states = _input_states(args, kwargs)
+        hidden_states = compat.layer_hidden_states(args, kwargs)
         if self.layout is None or hidden_states.shape[1] != self.layout.visual.shape[1]:
             return None
         if not self.layout.visual.any():
             return None
-        self._implementation = self.config._attn_implementation
+        self._implementation = compat.attention_implementation(self.config)
         self._recorder = AttentionRecorder()
         kwargs = dict(kwargs)
         kwargs["flowcut_recorder"] = self._recorder
         kwargs["flowcut_attention"] = resolve_attention(self._implementation, self.eager_attention)
         kwargs["flowcut_implementation"] = self._implementation
         # Only this layer's pass records: the switch is undone as soon as the layer returns.
-        self.config._attn_implementation = RECORDING_ATTENTION
+        compat.set_attention_implementation(self.config, RECORDING_ATTENTION)
         return args, kwargs
 
     def _after_scoring_layer(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         pinned = self._pinned
         if pinned is not None and not isinstance(output, BaseException):
-            if _output_states(output).shape[1] == pinned.prompt_length:
+            if compat.layer_output_states(output).shape[1] == pinned.prompt_length:
                 self._pinned, self.pruned = None, pinned
                 self._report(pinned.positions, pinned.visual, pinned.filler)
                 return _keep_positions(output, pinned.positions)
         if self._recorder is None:
             return None
-        self.config._attn_implementation = self._implementation
+        compat.set_attention_implementation(self.config, self._implementation)
         recorder, self._recorder = self._recorder, None
         if isinstance(output, BaseException) or recorder.record is None:
             return None
@@ -317,7 +317,7 @@ class DecoderPruner:
         )
         lengths, keeps = self.budgets(layout.visual)
         positions, filler = kept_positions(scores, layout.visual, lengths, keeps)
-        length = _output_states(output).shape[1]
+        length = compat.layer_output_states(output).shape[1]
         self.pruned = PrunedPrompt(
             positions, length, None, layout.visual, layout.input_ids, positions, filler, layout.images_key
         )
@@ -338,7 +338,7 @@ class DecoderPruner:
 
     def refuse_static_cache(self, cache: Any, method: str) -> None:
         """Static (compileable) caches keep the full prompt length: pruning after a layer cannot use them."""
-        if getattr(cache, "is_compileable", False):
+        if compat.is_static_cache(cache):
             raise ValueError(
                 f"method {method!r} prunes inside the language model and needs a dynamic KV cache; "
                 "static (compileable) caches keep the full prompt length"
@@ -348,8 +348,8 @@ class DecoderPruner:
         pruned = self.pruned
         if pruned is None:
             return None
-        hidden_states = _input_states(args, kwargs)
-        cache = kwargs.get("past_key_values")
+        hidden_states = compat.layer_hidden_states(args, kwargs)
+        cache = compat.cache_argument(kwargs)
         kwargs = dict(kwargs)
         prefill = hidden_states.shape[1] == pruned.positions.shape[1] and _length(kwargs) == pruned.prompt_length
         if prefill:
@@ -371,27 +371,16 @@ class DecoderPruner:
         if mask is not None:
             mask = _cut_mask(mask, pruned.positions, pruned.prompt_length, rows_too=False)
         if pruned.filler is not None:
-            past = cache.get_seq_length(module.self_attn.layer_idx)
+            past = compat.cache_length(cache, compat.layer_index(module.self_attn))
             kwargs["attention_mask"] = _hide_fillers(mask, pruned.filler, hidden_states, past, self._flash())
         else:
             kwargs["attention_mask"] = mask
         return args, kwargs
 
 
-def _input_states(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden states a decoder layer is called with."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _output_states(output: Any) -> torch.Tensor:
-    """The hidden states a decoder layer returned (alone or first in a tuple)."""
-    return output[0] if isinstance(output, tuple) else output
-
-
 def _keep_positions(output: Any, positions: torch.Tensor) -> Any:
     """A decoder layer's output with its hidden states cut to ``positions``."""
-    pruned = _gather(_output_states(output), positions, dim=1)
-    return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
+    return compat.with_layer_output_states(output, _gather(compat.layer_output_states(output), positions, dim=1))
 
 
 def _length(kwargs: dict) -> int | None:

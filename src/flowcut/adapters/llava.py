@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 from transformers import LlavaForConditionalGeneration
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from flowcut import compat
 from flowcut.adapters.clip import ClipEncoderAdapter
 from flowcut.adapters.language import DecoderPruner, decoder_pruner, images_key, prompt_layout
 from flowcut.adapters.processor import adapt_processor, check_placeholder_count, restore_processor
@@ -121,7 +121,7 @@ class LlavaFamily:
             vision_feature_select_strategy: str | None = None,
             image_sizes: torch.Tensor | None = None,
             **kwargs: Any,
-        ) -> BaseModelOutputWithPooling | tuple:
+        ) -> compat.EncoderOutput | tuple:
             """Image features pruned by FlowCut (installed by flowcut.apply on this instance)."""
             return family.image_features(
                 stock, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes, **kwargs
@@ -153,7 +153,7 @@ class LlavaFamily:
         vision_feature_select_strategy: Any,
         image_sizes: Any,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPooling | tuple:
+    ) -> compat.EncoderOutput | tuple:
         """FlowCut's replacement for ``LlavaModel.get_image_features``."""
         model_config = self.model.config
         layer = model_config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
@@ -197,7 +197,7 @@ class LlavaFamily:
             trace.scoring_ms = 1000 * selected.scoring_seconds
         self.on_trace(trace)
         pooled = list(selected.features) if self.pooled_as_list else selected.features
-        output = BaseModelOutputWithPooling(last_hidden_state=selected.hidden_states, pooler_output=pooled)
+        output = compat.encoder_output(last_hidden_state=selected.hidden_states, pooler_output=pooled)
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
     def _stock_image_trace(self, kept_indices: torch.Tensor) -> ImageTrace:
@@ -215,9 +215,9 @@ class LlavaFamily:
         """Check the placeholders; tell the language-model pruner about a fresh prompt."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if self.pruner is not None:
-            cache = kwargs.get("past_key_values")
+            cache = compat.cache_argument(kwargs)
             self.pruner.refuse_static_cache(cache, self.config.method)
-            if cache is None or cache.get_seq_length() == 0:
+            if compat.cache_length(cache) == 0:
                 if input_ids is None:
                     raise ValueError(f"method {self.config.method!r} needs input_ids to find the image tokens")
                 layout = prompt_layout(input_ids, kwargs.get("attention_mask"), self.image_token_id, images_key(kwargs))

@@ -35,13 +35,8 @@ from transformers import (
     LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
 )
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava_next.modeling_llava_next import (
-    get_anyres_image_grid_shape,
-    image_size_to_num_patches,
-    unpad_image,
-)
 
+from flowcut import compat
 from flowcut.adapters.clip import vision_adapter
 from flowcut.adapters.language import (
     DecoderPruner,
@@ -193,9 +188,9 @@ class LlavaNextFamily:
             crop_keeps = [budget] if self.config.method == "flowcut" and budget < patches else None
             return ImageLayout((0, 0), stock, [], [], budget, crop_keeps)
         size = [int(side) for side in (image_size.tolist() if hasattr(image_size, "tolist") else image_size)]
-        rows, columns = get_anyres_image_grid_shape(size, self.pinpoints, self.crop_pixels)
+        rows, columns = compat.anyres_grid_shape(size, self.pinpoints, self.crop_pixels)
         grid = torch.arange(rows * side * columns * side).view(1, rows * side, columns * side)
-        survivors = unpad_image(grid, size)
+        survivors = compat.unpad_image(grid, size)
         unpadded_rows, unpadded_columns = survivors.shape[1:]
         kept_cells = torch.zeros(grid.numel(), dtype=torch.bool)
         kept_cells[survivors.flatten()] = True
@@ -346,7 +341,7 @@ class LlavaNextFamily:
                 return tag_encoding(output, (layouts, None))
             features = list(output.pooler_output)
         crops_per_image = [
-            1 if alone else image_size_to_num_patches(size, self.pinpoints, self.crop_pixels)
+            1 if alone else compat.anyres_crop_count(size, self.pinpoints, self.crop_pixels)
             for size, alone in zip(image_sizes.tolist(), single, strict=True)
         ]
         if pixel_values.dim() == 5:
@@ -358,7 +353,7 @@ class LlavaNextFamily:
             features[i] = feature
         target.crop_traces, target.image_scoring = stage.images, stage.scoring_seconds
         self._trace_without_language_stage(target)
-        output = BaseModelOutputWithPooling(pooler_output=features)
+        output = compat.encoder_output(pooler_output=features)
         tag_encoding(output, (layouts, stage.images), stage.scoring_seconds)
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
@@ -391,7 +386,7 @@ class LlavaNextFamily:
         target.frame_traces = [stage.images[video * frames : (video + 1) * frames] for video in range(videos)]
         target.video_scoring = stage.scoring_seconds
         self._trace_without_language_stage(target)
-        output = BaseModelOutputWithPooling(pooler_output=features)
+        output = compat.encoder_output(pooler_output=features)
         tag_encoding(output, (target.videos, target.frame_traces), stage.scoring_seconds)
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
@@ -440,10 +435,10 @@ class LlavaNextFamily:
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Check the placeholders; tell the language-model pruner about a fresh prompt."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_argument(kwargs)
         if self.pruner is not None:
             self.pruner.refuse_static_cache(cache, self.config.method)
-        if cache is not None and cache.get_seq_length() > 0:
+        if compat.cache_length(cache) > 0:
             return
         pixels, videos = kwargs.get("pixel_values"), kwargs.get("pixel_values_videos")
         encoded = kwargs.get("mm_encoder_outputs") or {}

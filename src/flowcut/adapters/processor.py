@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from flowcut.compat import multimodal_token_counter, set_multimodal_token_counter
+
 
 def adapt_processor(
     processor: Any,
@@ -37,7 +39,7 @@ def adapt_processor(
             "processor instance (copy.deepcopy(processor))"
         )
     stock_replace = processor.replace_image_token
-    stock_counts = getattr(processor, "_get_num_multimodal_tokens", None)
+    stock_counts = multimodal_token_counter(processor)
 
     def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         """The image's pruned placeholder run (installed by flowcut.apply on this processor)."""
@@ -59,7 +61,7 @@ def adapt_processor(
 
     processor.replace_image_token = replace_image_token
     if stock_counts is not None:
-        processor._get_num_multimodal_tokens = get_num_multimodal_tokens
+        set_multimodal_token_counter(processor, get_num_multimodal_tokens)
     if video_placeholders is not None:
         _adapt_video_tokens(processor, video_placeholders)
 
@@ -114,5 +116,6 @@ def check_media_placeholders(input_ids: Any, media: list[tuple[int | None, list[
 
 def restore_processor(processor: Any) -> None:
     """Undo :func:`adapt_processor`."""
-    for name in ("replace_image_token", "_get_num_multimodal_tokens", "replace_video_token"):
+    for name in ("replace_image_token", "replace_video_token"):
         processor.__dict__.pop(name, None)
+    set_multimodal_token_counter(processor, None)

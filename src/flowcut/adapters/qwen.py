@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from flowcut import compat
 from flowcut.adapters.language import (
     DecoderPruner,
     decoder_pruner,
@@ -178,13 +178,13 @@ class QwenFamily:
 
         def get_image_features(
             pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs: Any
-        ) -> BaseModelOutputWithPooling | tuple:
+        ) -> compat.EncoderOutput | tuple:
             """Image features pruned by FlowCut's encoder stage (installed by flowcut.apply on this instance)."""
             return family.encode("image", pixel_values, image_grid_thw, **kwargs)
 
         def get_video_features(
             pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None = None, **kwargs: Any
-        ) -> BaseModelOutputWithPooling | tuple:
+        ) -> compat.EncoderOutput | tuple:
             """Video features pruned by FlowCut's encoder stage (installed by flowcut.apply on this instance)."""
             return family.encode("video", pixel_values_videos, video_grid_thw, **kwargs)
 
@@ -213,7 +213,7 @@ class QwenFamily:
 
     def encode(
         self, kind: str, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None, **kwargs: Any
-    ) -> BaseModelOutputWithPooling | tuple:
+    ) -> compat.EncoderOutput | tuple:
         """FlowCut's replacement for ``get_image_features`` / ``get_video_features``: each item's kept groups, merged.
 
         A video's temporal slices are encoded as images of one slice each: the tower attends within a
@@ -227,7 +227,7 @@ class QwenFamily:
             # No item is over its encoder budget: the stock tower, bit for bit.
             stock = getattr(type(self.base), f"get_{kind}_features")
             output = stock(self.base, pixel_values, grid_thw, **kwargs)
-            return tag_encoding(output, (items, grid_thw)) if isinstance(output, BaseModelOutputWithPooling) else output
+            return tag_encoding(output, (items, grid_thw)) if isinstance(output, compat.EncoderOutput) else output
         slice_grid_thw = grid_thw.repeat_interleave(grid_thw[:, 0], dim=0)
         slice_grid_thw[:, 0] = 1
         counts = [item.cells_per_slice for item in items for _ in range(item.slices)]
@@ -246,7 +246,7 @@ class QwenFamily:
             )
             pooled.append(torch.cat([features[index] for index in slices]))
             first += item.slices
-        output = BaseModelOutputWithPooling(last_hidden_state=stage.hidden_states, pooler_output=tuple(pooled))
+        output = compat.encoder_output(last_hidden_state=stage.hidden_states, pooler_output=tuple(pooled))
         tag_encoding(output, (items, grid_thw), stage.scoring_seconds)
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
@@ -371,10 +371,10 @@ class QwenFamily:
         """
         kwargs = dict(kwargs)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_argument(kwargs)
         if self.pruner is not None:
             self.pruner.refuse_static_cache(cache, self.config.method)
-        if cache is not None and cache.get_seq_length() > 0:
+        if compat.cache_length(cache) > 0:
             return args, kwargs  # decoding: the prompt's pruning is already in place
         if input_ids is not None:  # explain a prompt made for the unpruned model before anything is encoded
             planned = {kind: self._media(kwargs.get(f"{kind}_grid_thw")) for kind in ("image", "video")}

@@ -21,14 +21,13 @@ relation is the attention its four patches receive together, its density their m
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
-from transformers.vision_utils import get_vision_position_ids
 
+from flowcut import compat
 from flowcut.adapters.attention import recording_attention, resolve_attention
 from flowcut.core.encoder_stage import AttentionRecord, AttentionRecorder
 from flowcut.core.scoring import CriteriaScores, global_query_criteria, group_criteria
@@ -49,7 +48,7 @@ class QwenVisionAdapter:
         self.windowed_blocks = set() if full is None else {i for i in range(len(self.blocks)) if i not in set(full)}
         self.window_units = visual.window_size // self.merge_size // visual.patch_size if self.windowed_blocks else 0
         self.config = visual.config
-        self._eager = sys.modules[type(self.blocks[0].attn).__module__].eager_attention_forward
+        self._eager = compat.eager_attention(self.blocks[0].attn)
         self._grids: list[tuple[int, int]] = []
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
         self._order: torch.Tensor | None = None
@@ -88,7 +87,7 @@ class QwenVisionAdapter:
         The rotary angles of every patch are computed here once, as the tower computes them.
         """
         patches = self.visual.patch_embed(pixel_values.type(self.visual.dtype))
-        position_ids = get_vision_position_ids(self._grid_thw, self.merge_size)
+        position_ids = compat.vision_position_ids(self._grid_thw, self.merge_size)
         cos, sin = self.visual.rotary_pos_emb(patches, position_ids)
         counts = [rows * columns for rows, columns in self._grids]
         sizes = [count * self.group for count in counts]
@@ -121,7 +120,7 @@ class QwenVisionAdapter:
         options: dict[str, Any] = {}
         switch = nullcontext()
         if recorder is not None:
-            implementation = self.config._attn_implementation
+            implementation = compat.attention_implementation(self.config)
             options = {
                 "flowcut_recorder": recorder,
                 "flowcut_attention": resolve_attention(implementation, self._eager),

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 from transformers import VideoLlavaForConditionalGeneration
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from flowcut import compat
 from flowcut.adapters.clip import ClipEncoderAdapter
 from flowcut.adapters.language import total_scoring_seconds
 from flowcut.adapters.llava import LlavaFamily, feature_layer_index
@@ -79,7 +79,7 @@ class VideoLlavaFamily(LlavaFamily):
 
         def get_video_features(
             pixel_values_videos: torch.Tensor, vision_feature_layer: int | list[int] | None = None, **kwargs: Any
-        ) -> BaseModelOutputWithPooling | tuple:
+        ) -> compat.EncoderOutput | tuple:
             """Video features pruned frame by frame (installed by flowcut.apply on this instance)."""
             return family.video_features(stock, pixel_values_videos, vision_feature_layer, **kwargs)
 
@@ -102,7 +102,7 @@ class VideoLlavaFamily(LlavaFamily):
         pixel_values_videos: torch.Tensor,
         vision_feature_layer: Any,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPooling | tuple:
+    ) -> compat.EncoderOutput | tuple:
         """FlowCut's replacement for ``VideoLlavaModel.get_video_features``: each frame's share of the budget."""
         layer = self.model.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         feature_layer = feature_layer_index(layer, self.video_encoder.num_layers)
@@ -145,7 +145,7 @@ class VideoLlavaFamily(LlavaFamily):
         video_features = torch.cat(features).view(videos, per_video, -1)
         frame_traces = [traces[video * frames : (video + 1) * frames] for video in range(videos)]
         self._video_trace(frame_traces, feature_layer, scoring_seconds)
-        output = BaseModelOutputWithPooling(pooler_output=video_features)
+        output = compat.encoder_output(pooler_output=video_features)
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
     def _image_trace(self, trace: PruningTrace) -> None:

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 import transformers
-from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+from flowcut import compat
 from flowcut.api import apply, check_applicable
 from flowcut.bench.flops import PrefillFlops, ProjectorShape, TextShape, VisionShape, prefill_flops
 from flowcut.bench.memory import peak_bytes
@@ -328,7 +328,7 @@ def _encoder_passes(model: torch.nn.Module, trace: Any, inputs: Any) -> list[lis
         passes = inputs["pixel_values_videos"].shape[1]  # frames
     elif family in CROP_FAMILIES:
         image_size = inputs["image_sizes"][0].tolist()
-        passes = image_size_to_num_patches(image_size, model.config.image_grid_pinpoints, vision.image_size)
+        passes = compat.anyres_crop_count(image_size, model.config.image_grid_pinpoints, vision.image_size)
     else:
         passes = 1
     return [t.tokens_per_layer for t in traced] or [[patches] * vision.num_hidden_layers] * passes
@@ -377,7 +377,7 @@ def _result(
             projector_tokens=projected,
         )
     return BenchResult(
-        setting, Timings(), visual, prompt_tokens, _cache_bytes(output.past_key_values), flops, new_tokens
+        setting, Timings(), visual, prompt_tokens, _cache_bytes(compat.output_cache(output)), flops, new_tokens
     )
 
 

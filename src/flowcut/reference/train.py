@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
-from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 
+from flowcut import compat
 from flowcut.data.shapes import (
     COLOURS,
     COUNT_WORDS,
@@ -119,7 +119,7 @@ def build_untrained(recipe: Recipe) -> tuple[LlavaForConditionalGeneration, Llav
         raise ValueError(f"unknown position_init {recipe.position_init!r}; available: random, sincos")
     if recipe.position_init == "sincos":
         tower = model.model.vision_tower
-        embedding = next(m for m in tower.modules() if isinstance(m, CLIPVisionEmbeddings)).position_embedding
+        embedding = next(m for m in tower.modules() if isinstance(m, compat.CLIPVisionEmbeddings)).position_embedding
         table = sincos_positions(IMAGE_SIZE // PATCH_SIZE, embedding.embedding_dim) * recipe.position_scale
         with torch.no_grad():
             embedding.weight[1:] = table  # row 0 is CLS
@@ -362,7 +362,7 @@ def train(output: Path, recipe: Recipe, stages: tuple[int, ...] = (1, 2)) -> Pat
     torch.manual_seed(recipe.seed)
     output.mkdir(parents=True, exist_ok=True)
     model, processor = build_untrained(recipe)
-    model.config.vision_config._attn_implementation = "sdpa"
+    compat.set_attention_implementation(model.config.vision_config, "sdpa")
     log: list[dict] = []
     checkpoint = output / "vision_stage1.safetensors"
     if 1 in stages:
