@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flowcut.tiny import build_tiny_llava
+from flowcut.testing import build_tiny_llava
 
 # Strongly initialised vision weights make CLS attention concentrate, so per-image schedules differ.
 VISION_OPTIONS = {"vision_layers": 8, "initializer_factor": 6.0}

@@ -12,7 +12,7 @@ from flowcut.bench.flops import prefill_flops, vision_flops
 from flowcut.bench.run import BenchSetting, benchmark, environment, model_shapes, to_markdown
 from flowcut.cli import app
 from flowcut.config import FlowCutConfig
-from flowcut.tiny import build_tiny_llava, save_tiny_llava
+from flowcut.testing import build_tiny_llava, save_tiny_llava
 
 KEEP = 16
 
@@ -165,7 +165,7 @@ def test_two_stage_traces_carry_the_scoring_time_through_generate(family):
 
     import flowcut
     from flowcut.prompting import prompt_inputs
-    from flowcut.tiny import build_tiny_llava_next, build_tiny_qwen
+    from flowcut.testing import build_tiny_llava_next, build_tiny_qwen
 
     if family == "qwen2-vl":
         model, processor = build_tiny_qwen("2", max_pixels=64 * 64)
@@ -184,7 +184,7 @@ def test_two_stage_traces_carry_the_scoring_time_through_generate(family):
 def test_families_without_a_flop_model_are_timed_with_flops_left_out():
     """Qwen2.5-VL's windowed attention has no analytic count yet: its FLOP cells say "–", nothing is made up."""
     from flowcut.bench.run import to_dict
-    from flowcut.tiny import build_tiny_qwen
+    from flowcut.testing import build_tiny_qwen
 
     model, processor = build_tiny_qwen("2.5", max_pixels=64 * 64)
     settings = [BenchSetting(None), BenchSetting("flowcut", 4)]
@@ -200,7 +200,7 @@ def test_video_that_takes_the_stock_path_counts_every_frame_whole():
     """FastV leaves a LLaVA-NeXT-Video video's frames whole (the trace has no frame traces): stock encoder FLOPs."""
     import numpy as np
 
-    from flowcut.tiny import build_tiny_llava_next_video
+    from flowcut.testing import build_tiny_llava_next_video
 
     model, processor = build_tiny_llava_next_video(text_layers=3)
     clip = np.stack([np.asarray(make_image(frame)) for frame in range(4)])

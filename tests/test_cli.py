@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from conftest import make_image
 from flowcut.cli import app
 from flowcut.prompting import build_prompt
-from flowcut.tiny import (
+from flowcut.testing import (
     build_processor,
     build_tiny_llava_next,
     build_tiny_llava_onevision,

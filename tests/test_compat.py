@@ -19,7 +19,7 @@ from transformers import DynamicCache, StaticCache
 
 from conftest import PROMPT, make_image, picture
 from flowcut import compat
-from flowcut.tiny import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen
+from flowcut.testing import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,7 +26,7 @@ from flowcut.evaluate import (
 )
 from flowcut.methods.random_sample import random_patches
 from flowcut.prompting import build_prompt
-from flowcut.tiny import build_tiny_llava, save_tiny_llava
+from flowcut.testing import build_tiny_llava, save_tiny_llava
 
 
 def test_settings_unpruned_first_then_methods_by_budget():

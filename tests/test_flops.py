@@ -12,7 +12,7 @@ from flowcut import compat
 from flowcut.bench.flops import TextShape, VisionShape, prefill_flops, scoring_flops, vision_layer_flops
 from flowcut.bench.run import BenchSetting, _result
 from flowcut.prompting import prompt_inputs
-from flowcut.tiny import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen
+from flowcut.testing import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen
 
 PROMPT = "USER: <image>\nwhat colour is the circle ? ASSISTANT:"
 

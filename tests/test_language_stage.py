@@ -13,7 +13,7 @@ import flowcut
 from conftest import VISION_OPTIONS, make_image
 from flowcut import compat
 from flowcut.core.language_stage import kept_positions, last_token_scores, uniform_budgets
-from flowcut.tiny import build_tiny_llava
+from flowcut.testing import build_tiny_llava
 
 KEEP = 16
 NUM_PATCHES = 144

@@ -8,7 +8,7 @@ import torch
 import flowcut
 from conftest import PROMPT, VISION_OPTIONS, make_image
 from flowcut import compat
-from flowcut.tiny import build_tiny_llava
+from flowcut.testing import build_tiny_llava
 from reference_impl import reference_flowcut
 
 KEEP = 16

@@ -12,7 +12,7 @@ import flowcut
 from conftest import picture
 from flowcut.adapters.clip import ClipEncoderAdapter
 from flowcut.core.encoder_stage import EncoderStageSettings, run_encoder_stage
-from flowcut.tiny import build_tiny_llava_next
+from flowcut.testing import build_tiny_llava_next
 
 PROMPT = "USER: <image>\nwhat is the colour ? ASSISTANT:"
 TEXT_ONLY = "USER: what is the colour ? ASSISTANT:"

@@ -10,7 +10,7 @@ import torch
 
 import flowcut
 from conftest import make_image
-from flowcut.tiny import build_tiny_llava_next_video, build_tiny_llava_onevision
+from flowcut.testing import build_tiny_llava_next_video, build_tiny_llava_onevision
 from reference_impl import reference_flowcut
 
 FRAMES = 4

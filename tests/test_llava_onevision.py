@@ -11,7 +11,7 @@ import flowcut
 from conftest import picture
 from flowcut.adapters.clip import SiglipEncoderAdapter
 from flowcut.core.encoder_stage import EncoderStageSettings, run_encoder_stage
-from flowcut.tiny import build_tiny_llava_onevision
+from flowcut.testing import build_tiny_llava_onevision
 
 ONE = "USER: <image>\nwhat is the colour ? ASSISTANT:"
 TWO = "USER: <image><image>\nwhat is the colour ? ASSISTANT:"

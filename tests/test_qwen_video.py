@@ -12,7 +12,7 @@ import flowcut
 from conftest import picture
 from flowcut.adapters.qwen_vision import QwenVisionAdapter
 from flowcut.core.encoder_stage import EncoderStageSettings, run_encoder_stage
-from flowcut.tiny import build_tiny_qwen
+from flowcut.testing import build_tiny_qwen
 
 VERSIONS = ("2", "2.5")
 QUESTION = "what is the colour ?"

@@ -9,7 +9,7 @@ import torch
 import flowcut
 from conftest import VISION_OPTIONS, make_image
 from flowcut.config import frame_budgets
-from flowcut.tiny import build_tiny_video_llava
+from flowcut.testing import build_tiny_video_llava
 from reference_impl import reference_flowcut
 
 PATCHES = 144  # 84-px frames, 7-px patches: a 12×12 grid

@@ -13,7 +13,7 @@ import flowcut.cli
 from conftest import VISION_OPTIONS, make_image
 from flowcut.bench.run import BenchSetting, benchmark
 from flowcut.cli import app
-from flowcut.tiny import build_tiny_video_llava
+from flowcut.testing import build_tiny_video_llava
 from flowcut.video import read_frames, sample_indices
 
 runner = CliRunner()
@@ -106,7 +106,7 @@ def test_frame_strip_figure_and_cli(tmp_path, monkeypatch):
 
 def test_frame_strip_of_a_two_stage_video_model():
     pytest.importorskip("matplotlib")
-    from flowcut.tiny import build_tiny_llava_next_video
+    from flowcut.testing import build_tiny_llava_next_video
     from flowcut.viz import visualise_video
 
     model, processor = build_tiny_llava_next_video(seed=0, text_layers=3)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import flowcut
 from conftest import make_image
 from flowcut.cli import app
-from flowcut.tiny import save_tiny_llava
+from flowcut.testing import save_tiny_llava
 from flowcut.viz import PRUNED_BRIGHTNESS, highlight, model_view, visualise
 
 pytest.importorskip("matplotlib")

@@ -27,7 +27,7 @@ from flowcut.evaluate import first_answers
 from flowcut.integrations import lmms_eval as integration
 from flowcut.prompting import prompt_inputs
 from flowcut.reference import bundled_model_path
-from flowcut.tiny import build_tiny_llava_next
+from flowcut.testing import build_tiny_llava_next
 
 MODEL = bundled_model_path()
 CPU = "device=cpu,device_map=cpu"  # lmms-eval's llava_hf defaults to cuda

@@ -251,7 +251,7 @@ unpad_image = modeling_llava_next.unpad_image
 vision_position_ids = get_vision_position_ids
 """Qwen-VL: the (row, column) rotary position of every patch, in the tower's merge-group order."""
 
-__all__ = ["VideoMetadata", "make_batched_videos"]  # re-exported for the frame-by-frame video processor (tiny.py)
+__all__ = ["VideoMetadata", "make_batched_videos"]  # for the frame-by-frame video processor (flowcut.testing)
 
 
 # -- processors ------------------------------------------------------------------------------------

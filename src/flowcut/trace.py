@@ -53,10 +53,3 @@ class PruningTrace:
     def tokens_per_layer(self) -> list[list[int]]:
         """Per image, the patch tokens each executed encoder layer processed."""
         return [image.tokens_per_layer for image in self.images]
-
-    def kept_mask(self, image: int = 0) -> torch.Tensor:
-        """``(rows, columns)`` boolean map of the kept patches of one image."""
-        grid = self.grid_size if self.image_grids is None else self.image_grids[image]
-        mask = torch.zeros(grid[0] * grid[1], dtype=torch.bool)
-        mask[self.images[image].kept_indices] = True
-        return mask.view(grid)

@@ -157,7 +157,8 @@ def encoding_tag(encoding: Any, kind: str) -> Any:
     if media is None:
         raise ValueError(
             f"these {kind} encodings were not made by this model's get_{kind}_features while FlowCut was "
-            "applied: pass the pixels instead"
+            "applied: pass the pixels instead (generate(prefill_chunk_size=...) also slices them into new "
+            "encodings per chunk, which FlowCut's two-stage families do not support)"
         )
     if len(encoding.pooler_output) != len(media[0]):
         raise ValueError(
@@ -315,7 +316,13 @@ class DecoderPruner:
             layout.visual,
             self.score,
         )
-        lengths, keeps = self.budgets(layout.visual)
+        try:
+            lengths, keeps = self.budgets(layout.visual)
+        except ValueError as error:
+            raise ValueError(
+                f"{error}. Language-model pruning scores each prompt in one pass: a prompt split over several "
+                "passes (generate(prefill_chunk_size=...)) is not supported"
+            ) from error
         positions, filler = kept_positions(scores, layout.visual, lengths, keeps)
         length = compat.layer_output_states(output).shape[1]
         self.pruned = PrunedPrompt(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
-from flowcut.tiny import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen, build_tiny_video_llava
+from flowcut.testing import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen, build_tiny_video_llava
 
 
 @dataclass(frozen=True)

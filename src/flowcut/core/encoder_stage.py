@@ -162,11 +162,6 @@ class EncoderStageOutput:
     scoring_seconds: float | None = None
     """With ``time_scoring``: seconds spent scoring and selecting (criteria, scores, entropy, top-k)."""
 
-    @property
-    def kept_indices(self) -> torch.Tensor:
-        """``(B, keep)`` kept patch indices, ascending per image."""
-        return torch.stack([image.kept_indices for image in self.images])
-
 
 _SCORE_NAMES = ("relation", "semantic", "density", "score", "cumulative")
 

@@ -26,7 +26,7 @@ def _per_query_head(states: torch.Tensor, heads: int) -> torch.Tensor:
     return states.repeat_interleave(heads // states.shape[1], dim=1)
 
 
-def _row_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def _head_mean_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Head-mean softmax over the allowed positions: ``(B, H, L), (B, L) -> (B, L)``."""
     return logits.masked_fill(~allowed[:, None, :], float("-inf")).softmax(dim=-1).mean(dim=1)
 
@@ -58,12 +58,12 @@ def last_token_scores(
     relation_logits = row_logits(last_query, keys) * scaling
     if score == "attention":
         # The layer's real attention probabilities: softmax over every key the last token sees.
-        received = _row_softmax(relation_logits, visible)
+        received = _head_mean_softmax(relation_logits, visible)
         return received.masked_fill(~visual, float("-inf"))
     visual_keys = visual & visible
-    relation = _row_softmax(relation_logits, visual_keys)
+    relation = _head_mean_softmax(relation_logits, visual_keys)
     last_value = values[rows, :, last_index]
-    semantic = _row_softmax(row_logits(last_value, values) * scaling, visual_keys)
+    semantic = _head_mean_softmax(row_logits(last_value, values) * scaling, visual_keys)
     density = values.mean(dim=1).abs().sum(dim=-1)
     combined = (relation / relation.sum(-1, keepdim=True) + semantic / semantic.sum(-1, keepdim=True)) * density
     return combined.masked_fill(~visual_keys, float("-inf"))
@@ -81,43 +81,17 @@ def uniform_budgets(visual: torch.Tensor, tokens_per_image: int, keep: int) -> t
     return lengths, keeps
 
 
-def sequential_budgets(
-    visual: torch.Tensor, lengths: list[int], keeps: list[int]
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Per row, its images' lengths and budgets, for images given in batch order (row by row).
-
-    Images may differ in length (dynamic resolution, anyres crops) and rows may hold any number of
-    them, none included; each row's visual tokens must be exactly its images' tokens.
-    """
-    row_lengths, row_keeps, image = [], [], 0
-    for row_visual in visual:
-        remaining = int(row_visual.sum())
-        these_lengths, these_keeps = [], []
-        while remaining > 0:
-            if image >= len(lengths):
-                raise ValueError("the prompts hold more image tokens than their images have")
-            these_lengths.append(lengths[image])
-            these_keeps.append(keeps[image])
-            remaining -= lengths[image]
-            image += 1
-        if remaining < 0:
-            raise ValueError("a row's image tokens do not add up to whole images")
-        row_lengths.append(these_lengths)
-        row_keeps.append(these_keeps)
-    if image != len(lengths):
-        raise ValueError(f"the prompts hold image tokens for {image} images, but {len(lengths)} images were given")
-    return row_lengths, row_keeps
-
-
 def media_budgets(
     input_ids: torch.Tensor, visual: torch.Tensor, media: dict[int, tuple[list[int], list[int]]]
 ) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int]]]:
-    """:func:`sequential_budgets` for prompts that hold several kinds of media (images and videos).
+    """Per row, its media items' lengths and budgets, for prompts that may hold images and videos.
 
     ``media`` maps each kind's placeholder token id to its items' lengths and budgets, items of a kind
-    in batch order. Each row's visual tokens are walked in order; a run of a kind's token is that
-    kind's next item. Returns the rows' lengths and budgets in order of appearance, and the order
-    itself as ``(token id, item index)`` pairs.
+    in batch order. Items may differ in length (dynamic resolution, anyres crops) and rows may hold
+    any number of them, none included; each row's visual tokens must be exactly its items' tokens.
+    Each row's visual tokens are walked in order; a run of a kind's token is that kind's next item.
+    Returns the rows' lengths and budgets in order of appearance, and the order itself as
+    ``(token id, item index)`` pairs.
     """
     taken = dict.fromkeys(media, 0)
     row_lengths, row_keeps, order = [], [], []

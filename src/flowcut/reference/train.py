@@ -44,7 +44,7 @@ from flowcut.data.shapes import (
     make_conversation,
     make_scene,
 )
-from flowcut.tiny import build_tiny_llava
+from flowcut.testing import build_tiny_llava
 
 PAIRS = [(colour, shape) for colour in COLOURS for shape in SHAPES]
 """Stage-1 targets are per (colour, shape) pair: present?, where, small or large."""
@@ -96,7 +96,7 @@ class Recipe:
     without bfloat16 units, and the weights differ from a float32 run."""
 
     def model_options(self) -> dict[str, int]:
-        """Keyword arguments of :func:`flowcut.tiny.build_tiny_llava` for this architecture."""
+        """Keyword arguments of :func:`flowcut.testing.build_tiny_llava` for this architecture."""
         return {
             "vision_layers": self.vision_layers,
             "vision_hidden": self.vision_hidden,
