@@ -48,10 +48,11 @@ def test_benchmark_measures_every_setting_each_round(tiny):
     table = to_markdown(results, environment(model))
     assert "| flowcut@16 | 16 |" in table and "threads" in table
     # FlowCut times its own scoring inside every encoder pass; the other methods have nothing to time.
-    # Scoring is part of the same round's encoder call.
+    # The scoring time is measured in the round's prefill (its encoder pass), so it is part of that prefill's
+    # time; the separately timed encoder call is another pass, which a busy machine may run faster.
     assert len(pruned.timings.scoring) == 2
     assert all(
-        0 < scoring < vision for scoring, vision in zip(pruned.timings.scoring, pruned.timings.vision, strict=True)
+        0 < scoring < prefill for scoring, prefill in zip(pruned.timings.scoring, pruned.timings.prefill, strict=True)
     )
     assert unpruned.timings.scoring == results[2].timings.scoring == []
     with pytest.raises(ValueError, match="time_scoring=True is a FlowCut setting"):

@@ -19,6 +19,7 @@ from transformers import DynamicCache, StaticCache
 
 from conftest import PROMPT, make_image, picture
 from flowcut import compat
+from flowcut.runtime import InstancePatch
 from flowcut.testing import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -337,16 +338,16 @@ def test_qwen_vision_positions():
 def test_processor_placeholder_seams(llava):
     _, processor = llava
     counter = compat.multimodal_token_counter(processor)
+    patch = InstancePatch()
     with seam("processor placeholder counting (replace_image_token, _get_num_multimodal_tokens)"):
         assert counter is not None
         assert counter(image_sizes=[(84, 84)]).num_image_tokens == [144]
-        processor.replace_image_token = lambda image_inputs, image_idx, **kwargs: processor.image_token * 7
-        compat.set_multimodal_token_counter(processor, lambda **kwargs: "pruned")
+        patch.override(processor, "replace_image_token", lambda stock: lambda *a, **k: processor.image_token * 7)
+        patch.override(processor, compat.MULTIMODAL_TOKEN_COUNTS, lambda stock: lambda **kwargs: "pruned")
         try:
             inputs = processor(images=[make_image(0)], text=[PROMPT], return_tensors="pt")
             assert int((inputs["input_ids"] == processor.image_token_id).sum()) == 7
             assert compat.multimodal_token_counter(processor)() == "pruned"
         finally:
-            del processor.replace_image_token
-            compat.set_multimodal_token_counter(processor, None)
+            patch.restore()
         assert compat.multimodal_token_counter(processor)(image_sizes=[(84, 84)]).num_image_tokens == [144]

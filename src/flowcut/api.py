@@ -68,9 +68,7 @@ class FlowCutHandle:
         """Restore the model (and processor) to their exact original behaviour. Idempotent."""
         if not self.active:
             return
-        self._family.uninstall()
-        if self.processor is not None:
-            self._family.unpatch_processor(self.processor)
+        self._family.uninstall()  # the processor too: the family adapted it through the same InstancePatch
         delattr(self.model, _HANDLE_ATTRIBUTE)
 
     def __enter__(self) -> FlowCutHandle:

@@ -263,11 +263,3 @@ MULTIMODAL_TOKEN_COUNTS = "_get_num_multimodal_tokens"
 def multimodal_token_counter(processor: Any) -> Callable[..., Any] | None:
     """A processor's placeholder counter (None where the processor has none)."""
     return getattr(processor, MULTIMODAL_TOKEN_COUNTS, None)
-
-
-def set_multimodal_token_counter(processor: Any, counter: Callable[..., Any] | None) -> None:
-    """Give one processor instance its own placeholder counter (None: back to its class's)."""
-    if counter is None:
-        processor.__dict__.pop(MULTIMODAL_TOKEN_COUNTS, None)
-    else:
-        setattr(processor, MULTIMODAL_TOKEN_COUNTS, counter)

@@ -19,11 +19,12 @@ from transformers import LlavaForConditionalGeneration
 from flowcut import compat
 from flowcut.adapters.clip import ClipEncoderAdapter
 from flowcut.adapters.language import DecoderPruner, decoder_pruner, images_key, prompt_layout
-from flowcut.adapters.processor import adapt_processor, check_placeholder_count, restore_processor
+from flowcut.adapters.processor import adapt_processor, check_placeholder_count
 from flowcut.config import FlowCutConfig, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace
 from flowcut.core.language_stage import uniform_budgets
 from flowcut.methods import EncoderCall, get_method
+from flowcut.runtime import InstancePatch
 from flowcut.trace import PruningTrace
 
 
@@ -78,8 +79,7 @@ class LlavaFamily:
         self.default_feature_layer = feature_layer_index(model_config.vision_feature_layer, self.encoder.num_layers)
         check_select_strategy(model_config.vision_feature_select_strategy)
         self.image_token_id = model_config.image_token_id
-        self._previous: dict[str, Any] = {}
-        self._hook = None
+        self.patch = InstancePatch()
         self._feature_layer = self.default_feature_layer
         self.pruner: DecoderPruner | None = None
         if self.method.stage == "language" and self.tokens_per_image < self.encoder.num_patches:
@@ -110,38 +110,31 @@ class LlavaFamily:
 
     def install(self) -> None:
         """Route this instance's image features through FlowCut."""
-        original = self.base.__dict__.get("get_image_features")
-        self._previous["get_image_features"] = original
-        stock = original if original is not None else type(self.base).get_image_features.__get__(self.base)
         family = self
 
-        def get_image_features(
-            pixel_values: torch.Tensor,
-            vision_feature_layer: int | list[int] | None = None,
-            vision_feature_select_strategy: str | None = None,
-            image_sizes: torch.Tensor | None = None,
-            **kwargs: Any,
-        ) -> compat.EncoderOutput | tuple:
-            """Image features pruned by FlowCut (installed by flowcut.apply on this instance)."""
-            return family.image_features(
-                stock, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes, **kwargs
-            )
+        def wrap(stock: Callable[..., Any]) -> Callable[..., Any]:
+            def get_image_features(
+                pixel_values: torch.Tensor,
+                vision_feature_layer: int | list[int] | None = None,
+                vision_feature_select_strategy: str | None = None,
+                image_sizes: torch.Tensor | None = None,
+                **kwargs: Any,
+            ) -> compat.EncoderOutput | tuple:
+                """Image features pruned by FlowCut (installed by flowcut.apply on this instance)."""
+                return family.image_features(
+                    stock, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes, **kwargs
+                )
 
-        self.base.get_image_features = get_image_features
-        self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+            return get_image_features
+
+        self.patch.override(self.base, "get_image_features", wrap)
+        self.patch.hook(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         if self.pruner is not None:
             self.pruner.install()
 
     def uninstall(self) -> None:
         """Restore the instance exactly as it was before :meth:`install`."""
-        previous = self._previous.pop("get_image_features", None)
-        if previous is None:
-            self.base.__dict__.pop("get_image_features", None)
-        else:
-            self.base.get_image_features = previous
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        self.patch.restore()
         if self.pruner is not None:
             self.pruner.remove()
 
@@ -245,7 +238,7 @@ class LlavaFamily:
 
     def patch_processor(self, processor: Any) -> None:
         """Make ``processor`` emit ``keep`` image placeholders per image (instance-level, reversible)."""
-        adapt_processor(processor, self.image_token_id, self.family_name, self._image_placeholders)
+        adapt_processor(processor, self.patch, self.image_token_id, self.family_name, self._image_placeholders)
 
     def _image_placeholders(self, stock_count: int, image_size: Any) -> int:
         """Image placeholders for an image the processor would give ``stock_count``."""
@@ -255,5 +248,3 @@ class LlavaFamily:
                 f"{self.stock_tokens_per_image} patches: processor and model do not match"
             )
         return self.input_tokens_per_image
-
-    unpatch_processor = staticmethod(restore_processor)

@@ -50,11 +50,12 @@ from flowcut.adapters.language import (
     total_scoring_seconds,
 )
 from flowcut.adapters.llava import check_select_strategy, feature_layer_index
-from flowcut.adapters.processor import adapt_processor, check_media_placeholders, restore_processor
+from flowcut.adapters.processor import adapt_processor, check_media_placeholders
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
 from flowcut.core.encoder_stage import EncoderStageOutput, ImageTrace, run_encoder_stage
 from flowcut.methods import available_method
 from flowcut.methods.flowcut import stage_settings
+from flowcut.runtime import InstancePatch
 from flowcut.trace import PruningTrace
 
 METHODS = ("flowcut", "fastv", "none")
@@ -154,7 +155,7 @@ class LlavaNextFamily:
         """The pass being encoded: ``generate`` encodes images and videos before the prefill runs."""
         self._prompt_ids: torch.Tensor | None = None
         self._media_order: list[tuple[int, int]] = []
-        self._hooks: list[Any] = []
+        self.patch = InstancePatch()
         self.pruner: DecoderPruner | None = None
         if self.method.prunes:
             self.pruner = decoder_pruner(
@@ -256,34 +257,33 @@ class LlavaNextFamily:
     # -- model side -------------------------------------------------------------------------
 
     def install(self) -> None:
-        """Route this instance's image features through FlowCut."""
+        """Route this instance's image (and video) features through FlowCut."""
         family = self
-        stock = type(self.base).get_image_features.__get__(self.base)
 
-        def get_image_features(
-            pixel_values: torch.Tensor,
-            image_sizes: torch.Tensor,
-            vision_feature_layer: Any = None,
-            vision_feature_select_strategy: Any = None,
-            batch_num_images: Any = None,
-            **kwargs: Any,
-        ) -> Any:
-            """Image features pruned by FlowCut's encoder stage (installed by flowcut.apply on this instance)."""
-            # Named parameters: generate() hands over exactly the inputs this signature names.
-            return family.image_features(
-                stock,
-                pixel_values,
-                image_sizes,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                batch_num_images=batch_num_images,
-                **kwargs,
-            )
+        def wrap_images(stock: Callable[..., Any]) -> Callable[..., Any]:
+            def get_image_features(
+                pixel_values: torch.Tensor,
+                image_sizes: torch.Tensor,
+                vision_feature_layer: Any = None,
+                vision_feature_select_strategy: Any = None,
+                batch_num_images: Any = None,
+                **kwargs: Any,
+            ) -> Any:
+                """Image features pruned by FlowCut's encoder stage (installed by flowcut.apply on this instance)."""
+                # Named parameters: generate() hands over exactly the inputs this signature names.
+                return family.image_features(
+                    stock,
+                    pixel_values,
+                    image_sizes,
+                    vision_feature_layer=vision_feature_layer,
+                    vision_feature_select_strategy=vision_feature_select_strategy,
+                    batch_num_images=batch_num_images,
+                    **kwargs,
+                )
 
-        self.base.get_image_features = get_image_features
-        if self.video_token_id is not None:
-            stock_video = type(self.base).get_video_features.__get__(self.base)
+            return get_image_features
 
+        def wrap_videos(stock: Callable[..., Any]) -> Callable[..., Any]:
             def get_video_features(
                 pixel_values_videos: torch.Tensor,
                 vision_feature_layer: Any = None,
@@ -292,28 +292,26 @@ class LlavaNextFamily:
             ) -> Any:
                 """Video features pruned frame by frame (installed by flowcut.apply on this instance)."""
                 return family.video_features(
-                    stock_video,
+                    stock,
                     pixel_values_videos,
                     vision_feature_layer=vision_feature_layer,
                     vision_feature_select_strategy=vision_feature_select_strategy,
                     **kwargs,
                 )
 
-            self.base.get_video_features = get_video_features
-        self._hooks = [
-            self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            self.model.register_forward_hook(self._after_forward, always_call=True),
-        ]
+            return get_video_features
+
+        self.patch.override(self.base, "get_image_features", wrap_images)
+        if self.video_token_id is not None:
+            self.patch.override(self.base, "get_video_features", wrap_videos)
+        self.patch.hook(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self.patch.hook(self.model.register_forward_hook(self._after_forward, always_call=True))
         if self.pruner is not None:
             self.pruner.install()
 
     def uninstall(self) -> None:
         """Restore the instance exactly as it was before :meth:`install`."""
-        self.base.__dict__.pop("get_image_features", None)
-        self.base.__dict__.pop("get_video_features", None)
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self.patch.restore()
         if self.pruner is not None:
             self.pruner.remove()
         self.prompt = self._pending = None
@@ -548,15 +546,13 @@ class LlavaNextFamily:
             return layout.placeholders
 
         video = video_placeholders if self.video_token_id is not None else None
-        adapt_processor(processor, self.image_token_id, type(self.model).__name__, placeholders, video)
+        adapt_processor(processor, self.patch, self.image_token_id, type(self.model).__name__, placeholders, video)
 
     def _processor_layout(self, stock_count: int, image_size: Any) -> ImageLayout:
         """The layout of an image the processor gives ``stock_count`` tokens."""
         if image_size is None:
             raise ValueError("the processor did not report the image size")
         return self.layout(image_size)
-
-    unpatch_processor = staticmethod(restore_processor)
 
 
 class LlavaOnevisionFamily(LlavaNextFamily):

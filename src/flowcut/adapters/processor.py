@@ -2,8 +2,9 @@
 
 Processors expand one image token into as many placeholders as the vision tower makes tokens
 (``replace_image_token``) and report those counts (``_get_num_multimodal_tokens``). Both are
-replaced on the one processor instance passed to :func:`flowcut.apply`, so the model's own
-placeholder check stays on and passes; :func:`restore_processor` undoes it.
+replaced on the one processor instance passed to :func:`flowcut.apply`, through the family's
+:class:`~flowcut.runtime.InstancePatch`, so the model's own placeholder check stays on and passes
+and removing the handle brings back whatever the processor had before.
 """
 
 from __future__ import annotations
@@ -11,11 +12,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flowcut.compat import multimodal_token_counter, set_multimodal_token_counter
+from flowcut import compat
+from flowcut.runtime import InstancePatch
+
+_ADAPTED = "flowcut_adapted"
+"""Marks the replacements installed here, so a second handle on the same processor is refused."""
+
+
+def _adapted(function: Callable[..., Any]) -> Callable[..., Any]:
+    setattr(function, _ADAPTED, True)
+    return function
 
 
 def adapt_processor(
     processor: Any,
+    patch: InstancePatch,
     image_token_id: int,
     family: str,
     placeholders: Callable[[int, Any], int],
@@ -26,6 +37,7 @@ def adapt_processor(
     ``size`` is the image's original (height, width) where the processor reports it, else None.
     ``video_placeholders(n, video_inputs, index)``, where given, likewise counts the video tokens of
     video ``index`` of the processed ``video_inputs`` for which the processor would write ``n``.
+    The changes go into ``patch``; its ``restore()`` undoes them.
     """
     if not hasattr(processor, "replace_image_token") or getattr(processor, "image_token", None) is None:
         raise TypeError(f"expected a {family} processor with an image token, got {type(processor).__name__}")
@@ -33,51 +45,54 @@ def adapt_processor(
         raise ValueError(
             f"processor image token id {processor.image_token_id} differs from the model's {image_token_id}"
         )
-    if "replace_image_token" in processor.__dict__:
+    if getattr(processor.replace_image_token, _ADAPTED, False):
         raise ValueError(
             "this processor is already adapted by another FlowCut handle; give each pruned model its own "
             "processor instance (copy.deepcopy(processor))"
         )
-    stock_replace = processor.replace_image_token
-    stock_counts = multimodal_token_counter(processor)
-
-    def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-        """The image's pruned placeholder run (installed by flowcut.apply on this processor)."""
-        stock = stock_replace(image_inputs, image_idx=image_idx, **kwargs).count(processor.image_token)
-        sizes = image_inputs.get("image_sizes")
-        size = None if sizes is None else tuple(int(side) for side in sizes[image_idx])
-        return processor.image_token * placeholders(stock, size)
-
-    def get_num_multimodal_tokens(image_sizes: Any = None, **kwargs: Any) -> Any:
-        """The stock counts with each image's pruned placeholder count."""
-        data = stock_counts(image_sizes=image_sizes, **kwargs)
-        if getattr(data, "num_image_tokens", None) is not None:
-            sizes = image_sizes if image_sizes is not None else [None] * len(data.num_image_tokens)
-            data.num_image_tokens = [
-                placeholders(count, None if size is None else tuple(size))
-                for count, size in zip(data.num_image_tokens, sizes, strict=True)
-            ]
-        return data
-
-    processor.replace_image_token = replace_image_token
-    if stock_counts is not None:
-        set_multimodal_token_counter(processor, get_num_multimodal_tokens)
-    if video_placeholders is not None:
-        _adapt_video_tokens(processor, video_placeholders)
-
-
-def _adapt_video_tokens(processor: Any, video_placeholders: Callable[[int, dict, int], int]) -> None:
-    """Make ``processor`` write ``video_placeholders(n, video_inputs, index)`` video tokens instead of ``n``."""
-    if getattr(processor, "video_token", None) is None or not hasattr(processor, "replace_video_token"):
+    if video_placeholders is not None and (
+        getattr(processor, "video_token", None) is None or not hasattr(processor, "replace_video_token")
+    ):
         raise TypeError(f"expected a processor with a video token, got {type(processor).__name__}")
-    stock_replace = processor.replace_video_token
 
-    def replace_video_token(video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
-        """The video's pruned placeholder run (installed by flowcut.apply on this processor)."""
-        stock = stock_replace(video_inputs, video_idx=video_idx, **kwargs).count(processor.video_token)
-        return processor.video_token * video_placeholders(stock, video_inputs, video_idx)
+    def wrap_replace(stock_replace: Callable[..., str]) -> Callable[..., str]:
+        @_adapted
+        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+            """The image's pruned placeholder run (installed by flowcut.apply on this processor)."""
+            stock = stock_replace(image_inputs, image_idx=image_idx, **kwargs).count(processor.image_token)
+            sizes = image_inputs.get("image_sizes")
+            size = None if sizes is None else tuple(int(side) for side in sizes[image_idx])
+            return processor.image_token * placeholders(stock, size)
 
-    processor.replace_video_token = replace_video_token
+        return replace_image_token
+
+    def wrap_counts(stock_counts: Callable[..., Any]) -> Callable[..., Any]:
+        def get_num_multimodal_tokens(image_sizes: Any = None, **kwargs: Any) -> Any:
+            """The stock counts with each image's pruned placeholder count."""
+            data = stock_counts(image_sizes=image_sizes, **kwargs)
+            if getattr(data, "num_image_tokens", None) is not None:
+                sizes = image_sizes if image_sizes is not None else [None] * len(data.num_image_tokens)
+                data.num_image_tokens = [
+                    placeholders(count, None if size is None else tuple(size))
+                    for count, size in zip(data.num_image_tokens, sizes, strict=True)
+                ]
+            return data
+
+        return get_num_multimodal_tokens
+
+    def wrap_video_replace(stock_replace: Callable[..., str]) -> Callable[..., str]:
+        def replace_video_token(video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
+            """The video's pruned placeholder run (installed by flowcut.apply on this processor)."""
+            stock = stock_replace(video_inputs, video_idx=video_idx, **kwargs).count(processor.video_token)
+            return processor.video_token * video_placeholders(stock, video_inputs, video_idx)
+
+        return replace_video_token
+
+    patch.override(processor, "replace_image_token", wrap_replace)
+    if compat.multimodal_token_counter(processor) is not None:
+        patch.override(processor, compat.MULTIMODAL_TOKEN_COUNTS, wrap_counts)
+    if video_placeholders is not None:
+        patch.override(processor, "replace_video_token", wrap_video_replace)
 
 
 def check_placeholder_count(
@@ -112,10 +127,3 @@ def check_media_placeholders(input_ids: Any, media: list[tuple[int | None, list[
             placeholders = int((input_ids == token_id).sum())
             expected = sum(item.placeholders for item in items)
             check_placeholder_count(placeholders, expected, sum(item.stock_tokens for item in items), kind=kind)
-
-
-def restore_processor(processor: Any) -> None:
-    """Undo :func:`adapt_processor`."""
-    for name in ("replace_image_token", "replace_video_token"):
-        processor.__dict__.pop(name, None)
-    set_multimodal_token_counter(processor, None)

@@ -40,12 +40,13 @@ from flowcut.adapters.language import (
     tag_encoding,
     total_scoring_seconds,
 )
-from flowcut.adapters.processor import adapt_processor, check_media_placeholders, restore_processor
+from flowcut.adapters.processor import adapt_processor, check_media_placeholders
 from flowcut.adapters.qwen_vision import QwenVisionAdapter
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace, run_encoder_stage
 from flowcut.methods import available_method
 from flowcut.methods.flowcut import stage_settings
+from flowcut.runtime import InstancePatch
 from flowcut.trace import PruningTrace
 
 METHODS = ("flowcut", "fastv", "none")
@@ -122,7 +123,10 @@ class QwenFamily:
         self.prompt: _Prompt | None = None
         self._prompt_ids: torch.Tensor | None = None
         self._media_order: list[tuple[int, int]] = []
-        self._hook = None
+        self.patch = InstancePatch()
+        self._stock_features: dict[str, Callable[..., Any]] = {}
+        """The instance's own ``get_*_features`` before FlowCut (the stock path of items under their budget)."""
+        self._stock_rope_index: Callable[..., Any] | None = None
         self.pruner: DecoderPruner | None = None
         if self.method.prunes:
             self.pruner = decoder_pruner(
@@ -174,39 +178,48 @@ class QwenFamily:
     def install(self) -> None:
         """Route this instance's image and video features and its positions through FlowCut."""
         family = self
-        stock_rope_index = type(self.base).get_rope_index.__get__(self.base)
 
-        def get_image_features(
-            pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs: Any
-        ) -> compat.EncoderOutput | tuple:
-            """Image features pruned by FlowCut's encoder stage (installed by flowcut.apply on this instance)."""
-            return family.encode("image", pixel_values, image_grid_thw, **kwargs)
+        def wrap_images(stock: Callable[..., Any]) -> Callable[..., Any]:
+            self._stock_features["image"] = stock
 
-        def get_video_features(
-            pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None = None, **kwargs: Any
-        ) -> compat.EncoderOutput | tuple:
-            """Video features pruned by FlowCut's encoder stage (installed by flowcut.apply on this instance)."""
-            return family.encode("video", pixel_values_videos, video_grid_thw, **kwargs)
+            def get_image_features(
+                pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs: Any
+            ) -> compat.EncoderOutput | tuple:
+                """Image features pruned by FlowCut's encoder stage (installed by flowcut.apply on this instance)."""
+                return family.encode("image", pixel_values, image_grid_thw, **kwargs)
 
-        def get_rope_index(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            """M-RoPE positions of a pruned prompt: the unpruned positions of the tokens that remain."""
-            return family.rope_index(stock_rope_index, input_ids, *args, **kwargs)
+            return get_image_features
 
-        self._stock_rope_index = stock_rope_index
-        self.base.get_image_features = get_image_features
-        self.base.get_video_features = get_video_features
-        self.base.get_rope_index = get_rope_index
-        self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        def wrap_videos(stock: Callable[..., Any]) -> Callable[..., Any]:
+            self._stock_features["video"] = stock
+
+            def get_video_features(
+                pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None = None, **kwargs: Any
+            ) -> compat.EncoderOutput | tuple:
+                """Video features pruned by FlowCut's encoder stage (installed by flowcut.apply on this instance)."""
+                return family.encode("video", pixel_values_videos, video_grid_thw, **kwargs)
+
+            return get_video_features
+
+        def wrap_rope_index(stock: Callable[..., Any]) -> Callable[..., Any]:
+            self._stock_rope_index = stock
+
+            def get_rope_index(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                """M-RoPE positions of a pruned prompt: the unpruned positions of the tokens that remain."""
+                return family.rope_index(stock, input_ids, *args, **kwargs)
+
+            return get_rope_index
+
+        self.patch.override(self.base, "get_image_features", wrap_images)
+        self.patch.override(self.base, "get_video_features", wrap_videos)
+        self.patch.override(self.base, "get_rope_index", wrap_rope_index)
+        self.patch.hook(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         if self.pruner is not None:
             self.pruner.install()
 
     def uninstall(self) -> None:
         """Restore the instance exactly as it was before :meth:`install`."""
-        for name in ("get_image_features", "get_video_features", "get_rope_index"):
-            self.base.__dict__.pop(name, None)
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        self.patch.restore()
         if self.pruner is not None:
             self.pruner.remove()
         self.prompt = None
@@ -225,8 +238,7 @@ class QwenFamily:
         items = self._media(grid_thw)
         if all(item.placeholders == item.cells for item in items):
             # No item is over its encoder budget: the stock tower, bit for bit.
-            stock = getattr(type(self.base), f"get_{kind}_features")
-            output = stock(self.base, pixel_values, grid_thw, **kwargs)
+            output = self._stock_features[kind](pixel_values, grid_thw, **kwargs)
             return tag_encoding(output, (items, grid_thw)) if isinstance(output, compat.EncoderOutput) else output
         slice_grid_thw = grid_thw.repeat_interleave(grid_thw[:, 0], dim=0)
         slice_grid_thw[:, 0] = 1
@@ -526,6 +538,4 @@ class QwenFamily:
             slices = int(video_inputs["video_grid_thw"][index][0])
             return sum(self._slice_placeholders(slices, cells // slices)[1])
 
-        adapt_processor(processor, self.image_token_id, "Qwen2-VL", image_placeholders, video_placeholders)
-
-    unpatch_processor = staticmethod(restore_processor)
+        adapt_processor(processor, self.patch, self.image_token_id, "Qwen2-VL", image_placeholders, video_placeholders)

@@ -74,24 +74,20 @@ class VideoLlavaFamily(LlavaFamily):
     def install(self) -> None:
         """Route this instance's image and video features through FlowCut."""
         super().install()
-        stock = type(self.base).get_video_features.__get__(self.base)
         family = self
 
-        def get_video_features(
-            pixel_values_videos: torch.Tensor, vision_feature_layer: int | list[int] | None = None, **kwargs: Any
-        ) -> compat.EncoderOutput | tuple:
-            """Video features pruned frame by frame (installed by flowcut.apply on this instance)."""
-            return family.video_features(stock, pixel_values_videos, vision_feature_layer, **kwargs)
+        def wrap(stock: Callable[..., Any]) -> Callable[..., Any]:
+            def get_video_features(
+                pixel_values_videos: torch.Tensor, vision_feature_layer: int | list[int] | None = None, **kwargs: Any
+            ) -> compat.EncoderOutput | tuple:
+                """Video features pruned frame by frame (installed by flowcut.apply on this instance)."""
+                return family.video_features(stock, pixel_values_videos, vision_feature_layer, **kwargs)
 
-        self.base.get_video_features = get_video_features
+            return get_video_features
+
+        self.patch.override(self.base, "get_video_features", wrap)
         # A pass's images must not join a later pass's videos in a trace, even after an error.
-        self._clear_hook = self.model.register_forward_hook(self._forget_images, always_call=True)
-
-    def uninstall(self) -> None:
-        """Restore the instance exactly as it was before :meth:`install`."""
-        self.base.__dict__.pop("get_video_features", None)
-        self._clear_hook.remove()
-        super().uninstall()
+        self.patch.hook(self.model.register_forward_hook(self._forget_images, always_call=True))
 
     def _forget_images(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         self._pass_images = None
@@ -194,7 +190,12 @@ class VideoLlavaFamily(LlavaFamily):
     def patch_processor(self, processor: Any) -> None:
         """Make ``processor`` emit the pruned placeholder counts of images and videos (instance-level, reversible)."""
         adapt_processor(
-            processor, self.image_token_id, self.family_name, self._image_placeholders, self._video_placeholders
+            processor,
+            self.patch,
+            self.image_token_id,
+            self.family_name,
+            self._image_placeholders,
+            self._video_placeholders,
         )
 
     def _video_placeholders(self, stock_count: int, video_inputs: dict, index: int) -> int:

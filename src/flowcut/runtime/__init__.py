@@ -1,0 +1,5 @@
+"""What every model family shares at run time: reversible installation on one instance."""
+
+from flowcut.runtime.instance import InstancePatch
+
+__all__ = ["InstancePatch"]

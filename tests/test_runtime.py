@@ -1,0 +1,100 @@
+"""Installation on one instance is undone from structure, on every family: what was there comes back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flowcut
+from conftest import picture
+from flowcut import testing
+from flowcut.runtime import InstancePatch
+
+BUILDERS = {
+    "llava": lambda: testing.build_tiny_llava(vision_layers=3, text_layers=3),
+    "llava-next": lambda: testing.build_tiny_llava_next(vision_layers=3, text_layers=3),
+    "llava-next-video": lambda: testing.build_tiny_llava_next_video(vision_layers=3, text_layers=3),
+    "llava-onevision": lambda: testing.build_tiny_llava_onevision(vision_layers=3, text_layers=3),
+    "qwen2-vl": lambda: testing.build_tiny_qwen("2", vision_layers=3, text_layers=3),
+    "video-llava": lambda: testing.build_tiny_video_llava(vision_layers=3, text_layers=3),
+}
+ENTRY_POINTS = ("get_image_features", "get_video_features", "get_rope_index")
+
+
+def hook_counts(model: torch.nn.Module) -> list[int]:
+    return [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()]
+
+
+def test_instance_patch_restores_an_absent_attribute_and_a_previous_override():
+    class Owner:
+        def greet(self) -> str:
+            return "class"
+
+    owner, other = Owner(), Owner()
+    other.greet = lambda: "own"
+    patch = InstancePatch()
+    patch.override(owner, "greet", lambda current: lambda: f"wrapped {current()}")
+    patch.override(other, "greet", lambda current: lambda: f"wrapped {current()}")
+    assert (owner.greet(), other.greet()) == ("wrapped class", "wrapped own")
+    patch.restore()
+    patch.restore()  # idempotent
+    assert "greet" not in owner.__dict__ and other.greet() == "own"
+
+
+@pytest.mark.parametrize("family", BUILDERS)
+@pytest.mark.parametrize("method", ["flowcut", "fastv"])
+def test_remove_brings_back_the_instances_own_overrides_and_hooks(family, method):
+    model, processor = BUILDERS[family]()
+    base = model.model
+    own = {}
+    for name in ENTRY_POINTS:
+        if hasattr(base, name):  # a user's (or another library's) instance-level override, set before FlowCut
+            stock = getattr(base, name)
+            own[name] = lambda *args, _stock=stock, **kwargs: _stock(*args, **kwargs)
+            setattr(base, name, own[name])
+    before_dict, before_hooks = dict(base.__dict__), hook_counts(model)
+    handle = flowcut.apply(model, processor=processor, keep=4, method=method)
+    assert any(base.__dict__[name] is not own[name] for name in own)  # FlowCut wrapped them
+    handle.remove()
+    handle.remove()
+    assert {name: base.__dict__[name] for name in own} == own
+    assert base.__dict__.keys() == before_dict.keys()
+    assert hook_counts(model) == before_hooks
+    # Applying again after removal starts from the same state and undoes to it again.
+    flowcut.apply(model, processor=processor, keep=4, method=method).remove()
+    assert {name: base.__dict__[name] for name in own} == own and hook_counts(model) == before_hooks
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_an_image_under_its_budget_takes_the_instances_own_path(family):
+    """Where nothing is pruned, FlowCut calls what the instance had (its override), not the class's method."""
+    model, processor = BUILDERS[family]()
+    base = model.model
+    stock, calls = base.get_image_features, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return stock(*args, **kwargs)
+
+    base.get_image_features = counting
+    inputs = processor.image_processor(images=[picture(48, 64, 0)], return_tensors="pt")
+    with flowcut.apply(model, processor=processor, keep=10_000):
+        if family == "llava":
+            base.get_image_features(inputs["pixel_values"])
+        else:
+            base.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    assert calls == [1]
+    assert base.get_image_features is counting
+
+
+def test_remove_brings_back_the_processors_own_override():
+    model, processor = BUILDERS["llava"]()
+    stock = processor.replace_image_token
+    own = lambda *args, **kwargs: stock(*args, **kwargs)  # noqa: E731 - a user's instance-level override
+    processor.replace_image_token = own
+    handle = flowcut.apply(model, processor=processor, keep=4)
+    inputs = processor(images=[picture(84, 84, 0)], text=["USER: <image>\nwhat ? ASSISTANT:"], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 4  # FlowCut's count, through own
+    handle.remove()
+    assert processor.__dict__["replace_image_token"] is own
+    assert "_get_num_multimodal_tokens" not in processor.__dict__
