@@ -52,14 +52,10 @@ from flowcut.adapters.language import (
 from flowcut.adapters.llava import check_select_strategy, feature_layer_index
 from flowcut.adapters.processor import adapt_processor, check_media_placeholders
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
-from flowcut.core.encoder_stage import EncoderStageOutput, ImageTrace, run_encoder_stage
-from flowcut.methods import available_method
-from flowcut.methods.flowcut import stage_settings
+from flowcut.core.encoder_stage import EncoderStageOutput, ImageTrace
+from flowcut.methods import TWO_STAGE_REASON, UnitCall, available_method, two_stage_methods
 from flowcut.runtime import InstancePatch
 from flowcut.trace import PruningTrace
-
-METHODS = ("flowcut", "fastv", "none")
-"""Methods available for LLaVA-NeXT."""
 
 
 @dataclass
@@ -131,7 +127,7 @@ class LlavaNextFamily:
     """Newline tokens the stock model appends to a video (LLaVA-OneVision: one)."""
 
     def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
-        self.method = available_method(config.method, METHODS, type(model).__name__)
+        self.method = available_method(config.method, two_stage_methods(), type(model).__name__, TWO_STAGE_REASON)
         self.model = model
         self.config = config
         self.on_trace = on_trace
@@ -186,7 +182,7 @@ class LlavaNextFamily:
         if single_crop:
             stock = patches + 1  # the base view and one image-newline token
             budget = tokens_to_keep(self.config.keep, stock) if self.method.prunes else stock
-            crop_keeps = [budget] if self.config.method == "flowcut" and budget < patches else None
+            crop_keeps = [budget] if self.method.selects_units and budget < patches else None
             return ImageLayout((0, 0), stock, [], [], budget, crop_keeps)
         size = [int(side) for side in (image_size.tolist() if hasattr(image_size, "tolist") else image_size)]
         rows, columns = compat.anyres_grid_shape(size, self.pinpoints, self.crop_pixels)
@@ -211,7 +207,7 @@ class LlavaNextFamily:
         stock = patches + stock_rows * stock_columns + stock_rows
         budget = tokens_to_keep(self.config.keep, stock) if self.method.prunes else stock
         crop_keeps = None
-        if self.config.method == "flowcut" and budget < stock and budget // 2 < patches:
+        if self.method.selects_units and budget < stock and budget // 2 < patches:
             half = max(1, budget // 2)
             crop_keeps = [half] + [min(half, int(mask.sum())) for mask in eligible]
         return ImageLayout((rows, columns), stock, eligible, grid_index, budget, crop_keeps)
@@ -233,7 +229,7 @@ class LlavaNextFamily:
         stock = frames * self.pooled_side(side) ** 2 + self.video_newlines
         budget = tokens_to_keep(self.config.keep, stock) if self.method.prunes else stock
         frame_keeps = None
-        if self.config.method == "flowcut" and 2 * budget < stock:
+        if self.method.selects_units and 2 * budget < stock:
             patches = side * side
             frame_keeps = [min(patches, 2 * share) for share in frame_budgets(budget, frames, patches)]
         return VideoLayout(frames, stock, budget, frame_keeps)
@@ -375,9 +371,9 @@ class LlavaNextFamily:
             self._trace_without_language_stage(target)
             return tag_encoding(output, (target.videos, None))
         keeps = layout.frame_keeps * videos
-        settings = stage_settings(self.config, max(keeps), self.feature_layer)
+        call = UnitCall(self.config, self.encoder, pixel_values_videos.flatten(0, 1), self.feature_layer, keeps)
         with self.encoder.session():
-            stage = run_encoder_stage(self.encoder, pixel_values_videos.flatten(0, 1), settings, None, keeps)
+            stage = self.method.select_units(call)
         projected = self.base.multi_modal_projector(stage.hidden_states[:, self.encoder.query_slots :])
         tokens = [projected[row, :count] for row, count in enumerate(stage.counts)]
         features = torch.stack([torch.cat(tokens[video * frames : (video + 1) * frames]) for video in range(videos)])
@@ -409,9 +405,9 @@ class LlavaNextFamily:
                 keeps.append(keep)
                 eligible.append(mask)
                 owners.append((image, crop))
-        settings = stage_settings(self.config, max(keeps), self.feature_layer)
+        call = UnitCall(self.config, self.encoder, torch.stack(batch), self.feature_layer, keeps, None, eligible)
         with self.encoder.session():
-            stage = run_encoder_stage(self.encoder, torch.stack(batch), settings, None, keeps, eligible)
+            stage = self.method.select_units(call)
         projected = self.base.multi_modal_projector(stage.hidden_states[:, self.encoder.query_slots :])
         parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in layouts]
         base_patches = self.encoder.num_patches

@@ -43,14 +43,10 @@ from flowcut.adapters.language import (
 from flowcut.adapters.processor import adapt_processor, check_media_placeholders
 from flowcut.adapters.qwen_vision import QwenVisionAdapter
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
-from flowcut.core.encoder_stage import ImageTrace, run_encoder_stage
-from flowcut.methods import available_method
-from flowcut.methods.flowcut import stage_settings
+from flowcut.core.encoder_stage import ImageTrace
+from flowcut.methods import TWO_STAGE_REASON, UnitCall, available_method, two_stage_methods
 from flowcut.runtime import InstancePatch
 from flowcut.trace import PruningTrace
-
-METHODS = ("flowcut", "fastv", "none")
-"""Methods available for Qwen models (the others are defined on a CLS-token encoder)."""
 
 IMAGE, VIDEO = 1, 2
 """The processor's ``mm_token_type_ids`` of image and video placeholders."""
@@ -112,7 +108,7 @@ class QwenFamily:
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
 
     def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
-        self.method = available_method(config.method, METHODS, type(model).__name__)
+        self.method = available_method(config.method, two_stage_methods(), type(model).__name__, TWO_STAGE_REASON)
         self.model = model
         self.config = config
         self.on_trace = on_trace
@@ -155,7 +151,7 @@ class QwenFamily:
         its temporal slices (:func:`flowcut.config.frame_budgets`), and each slice keeps twice its share.
         """
         budget = self.budget(slices * per_slice)
-        if self.config.method != "flowcut":
+        if not self.method.selects_units:
             return budget, [per_slice] * slices
         return budget, [
             min(per_slice, 2 * share)
@@ -245,9 +241,9 @@ class QwenFamily:
         counts = [item.cells_per_slice for item in items for _ in range(item.slices)]
         keeps = [count for item in items for count in item.slice_placeholders]
         # The merger reads the last block's output: every block runs, the last before it prunes last.
-        settings = stage_settings(self.config, max(keeps), self.encoder.num_layers - 1)
+        call = UnitCall(self.config, self.encoder, pixel_values, self.encoder.num_layers - 1, keeps, counts)
         with self.encoder.session(slice_grid_thw):
-            stage = run_encoder_stage(self.encoder, pixel_values, settings, counts, keeps)
+            stage = self.method.select_units(call)
             features = self.encoder.merge(stage.hidden_states, stage.counts)
         pooled, first = [], 0
         for item in items:

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from flowcut.core.encoder_stage import AttentionRecord, AttentionRecorder, ImageTrace, VisionEncoderAdapter
+from flowcut.core.encoder_stage import (
+    AttentionRecord,
+    AttentionRecorder,
+    EncoderStageOutput,
+    ImageTrace,
+    VisionEncoderAdapter,
+)
 
 if TYPE_CHECKING:
     from flowcut.config import FlowCutConfig
@@ -41,6 +47,26 @@ class EncoderCall:
     def num_patches(self) -> int:
         """Patches per image before any pruning."""
         return self.grid_size[0] * self.grid_size[1]
+
+
+@dataclass(frozen=True)
+class UnitCall:
+    """One encoder pass of a two-stage family: units of several sizes and budgets, some never to survive.
+
+    A unit is what the family's tower hands on as one token: a patch of a LLaVA-NeXT crop or video
+    frame, a 2×2 merge group of Qwen-VL. Rows are crops, frames or images, each with its own budget.
+    """
+
+    config: FlowCutConfig
+    encoder: VisionEncoderAdapter
+    pixel_values: torch.Tensor
+    feature_layer: int
+    keeps: list[int]
+    """Units each row keeps."""
+    counts: list[int] | None = None
+    """Units of each row where rows differ in size (the encoder pads them); None: every row is full."""
+    eligible: list[torch.Tensor | None] | None = None
+    """Per row, the units that may survive (None: all); the others are always dropped first."""
 
 
 @dataclass
@@ -81,6 +107,19 @@ class Method:
         """Choose and project the visual tokens of one batch."""
         raise NotImplementedError
 
+    def select_units(self, call: UnitCall) -> EncoderStageOutput:
+        """The encoder stage of a two-stage family: each row's kept units at the feature layer, unprojected.
+
+        Only methods that override this run in the encoder stage of LLaVA-NeXT, LLaVA-OneVision and
+        Qwen-VL (and keep twice the budget there; ``language_score`` finishes after ``language_layer``).
+        """
+        raise NotImplementedError(f"method {self.name!r} has no encoder stage for two-stage families")
+
+    @property
+    def selects_units(self) -> bool:
+        """Whether the method runs in the encoder stage of two-stage families (:meth:`select_units`)."""
+        return type(self).select_units is not Method.select_units
+
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -105,11 +144,34 @@ def get_method(name: str) -> Method:
     return _REGISTRY[name]
 
 
-def available_method(name: str, available: tuple[str, ...], model_name: str) -> Method:
-    """The method ``name`` where a model family offers only ``available`` ones; a clear error otherwise."""
+def two_stage_methods() -> tuple[str, ...]:
+    """Methods a two-stage family offers: the unpruned reference, language-model methods, unit selectors."""
+    return tuple(
+        name
+        for name in method_names()
+        if not _REGISTRY[name].prunes or _REGISTRY[name].stage == "language" or _REGISTRY[name].selects_units
+    )
+
+
+def available_method(name: str, available: tuple[str, ...], model_name: str, reason: str = "") -> Method:
+    """The method ``name`` where a model family offers only ``available`` ones; a clear error otherwise.
+
+    ``reason`` (a clause) says why the others are not offered.
+    """
     if name not in available:
-        raise ValueError(f"method {name!r} is not available for {model_name}; available: {', '.join(available)}")
+        get_method(name)  # an unknown name is its own error
+        because = f" ({reason})" if reason else ""
+        raise ValueError(
+            f"method {name!r} is not available for {model_name}{because}; available: {', '.join(available)}"
+        )
     return get_method(name)
+
+
+TWO_STAGE_REASON = (
+    "this family's encoder stage prunes every crop, frame or merge group to its own budget, "
+    "and the method has no such encoder stage yet"
+)
+"""Why a two-stage family does not offer a method (:func:`available_method`'s ``reason``)."""
 
 
 # -- helpers shared by methods that read the unpruned feature layer --------------------------------
@@ -140,12 +202,15 @@ def _discover() -> None:
 _discover()
 
 __all__ = [
+    "TWO_STAGE_REASON",
     "EncoderCall",
     "Method",
     "MethodOutput",
+    "UnitCall",
     "get_method",
     "method_names",
     "register",
     "run_to_feature_layer",
+    "two_stage_methods",
     "unpruned_trace",
 ]

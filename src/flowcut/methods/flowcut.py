@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flowcut.core.encoder_stage import EncoderStageSettings, run_encoder_stage
-from flowcut.methods import EncoderCall, Method, MethodOutput, register
+from flowcut.core.encoder_stage import EncoderStageOutput, EncoderStageSettings, run_encoder_stage
+from flowcut.methods import EncoderCall, Method, MethodOutput, UnitCall, register
 
 if TYPE_CHECKING:
     from flowcut.config import FlowCutConfig
@@ -39,3 +39,7 @@ class FlowCut(Method):
         # LLaVA's "default" feature selection: the patch tokens, without CLS.
         features = call.project(stage.hidden_states[:, 1:])
         return MethodOutput(features, stage.hidden_states, stage.images, scoring_seconds=stage.scoring_seconds)
+
+    def select_units(self, call: UnitCall) -> EncoderStageOutput:
+        settings = stage_settings(call.config, max(call.keeps), call.feature_layer)
+        return run_encoder_stage(call.encoder, call.pixel_values, settings, call.counts, call.keeps, call.eligible)
