@@ -122,6 +122,7 @@ def test_decoder_layers_receive_the_cache_the_model_returns(llava):
         assert cache is not None and seen == [cache]
         length = inputs["input_ids"].shape[1]
         assert [compat.cache_length(cache, layer) for layer in range(len(layers))] == [length] * len(layers)
+        assert [compat.layer_index(layer.self_attn) for layer in layers] == list(range(len(layers)))
 
 
 def test_generate_passes_the_cache_to_the_model(llava):
@@ -301,6 +302,8 @@ def test_outputs_carry_the_projected_image_features(llava):
     with torch.no_grad():
         output = model(**inputs)
         features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    with seam("get_image_features output class (BaseModelOutputWithPooling)"):
+        assert isinstance(model.model.get_image_features(pixel_values=inputs["pixel_values"]), compat.EncoderOutput)
     with seam("image features field of model outputs (image_outputs / image_hidden_states)"):
         expected = torch.cat([feature.reshape(-1, feature.shape[-1]) for feature in features])
         torch.testing.assert_close(compat.output_image_features(output), expected)
