@@ -173,24 +173,25 @@ def test_unsupported_vision_attention_implementation(tiny, images):
     assert compat.attention_implementation(model.model.vision_tower.config) == "flex_attention"
 
 
+GREEDY = {"max_new_tokens": 3, "do_sample": False}
+
+
 def skip_unless_stock_chunking_is_exact(model, inputs) -> None:
-    """transformers 5.21's own chunked prefill answers differently from one pass (fixed by 5.24)."""
-    options = {"max_new_tokens": 3, "do_sample": False}
-    stock = model.generate(**inputs, **options)
-    if not torch.equal(stock, model.generate(**inputs, **options, prefill_chunk_size=8)):
+    """transformers 5.21 and 5.22's own chunked prefill answers differently from one pass (5.23 and 5.24 do not)."""
+    stock = model.generate(**inputs, **GREEDY)
+    if not torch.equal(stock, model.generate(**inputs, **GREEDY, prefill_chunk_size=8)):
         pytest.skip(f"transformers {compat.TRANSFORMERS_VERSION}'s own chunked prefill differs from one pass")
 
 
 def test_chunked_prefill_with_encoder_stage_pruning_equals_one_pass(images):
     model, processor = build_tiny_llava(seed=0, vision_layers=3, text_layers=3)
-    options = {"max_new_tokens": 3, "do_sample": False}
     skip_unless_stock_chunking_is_exact(
         model, processor(images=images[:2], text=[PROMPT] * 2, return_tensors="pt", padding=True)
     )
     with flowcut.apply(model, processor=processor, keep=16):
         inputs = processor(images=images[:2], text=[PROMPT] * 2, return_tensors="pt", padding=True)
-        whole = model.generate(**inputs, **options)
-        assert torch.equal(whole, model.generate(**inputs, **options, prefill_chunk_size=8))
+        whole = model.generate(**inputs, **GREEDY)
+        assert torch.equal(whole, model.generate(**inputs, **GREEDY, prefill_chunk_size=8))
 
 
 def test_chunked_prefill_refused_where_the_language_model_prunes(images):
@@ -202,11 +203,11 @@ def test_chunked_prefill_refused_where_the_language_model_prunes(images):
     with flowcut.apply(model, processor=processor, keep=16, method="fastv"):
         inputs = processor(images=images[:1], text=[PROMPT], return_tensors="pt")
         with pytest.raises(ValueError, match=r"a prompt split over several passes \(generate\(prefill_chunk_size"):
-            model.generate(**inputs, max_new_tokens=3, do_sample=False, prefill_chunk_size=8)
+            model.generate(**inputs, **GREEDY, prefill_chunk_size=8)
     model, processor = build_tiny_llava_next(vision_layers=4, text_layers=3)
     text, image = ["USER: <image>\nwhat ? ASSISTANT:"], [picture(60, 64, 0)]
     skip_unless_stock_chunking_is_exact(model, processor(images=image, text=text, return_tensors="pt"))
     flowcut.apply(model, processor=processor, keep=8)
     inputs = processor(images=image, text=text, return_tensors="pt")
     with pytest.raises(ValueError, match=r"generate\(prefill_chunk_size=...\) also slices them"):
-        model.generate(**inputs, max_new_tokens=3, do_sample=False, prefill_chunk_size=8)
+        model.generate(**inputs, **GREEDY, prefill_chunk_size=8)

@@ -22,13 +22,15 @@ from typing import Any
 
 import torch
 import transformers
+from packaging.version import Version
 from transformers import AttentionInterface
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip import modeling_clip
 from transformers.models.llava_next import modeling_llava_next
 from transformers.models.siglip import modeling_siglip
-from transformers.video_utils import VideoMetadata, make_batched_videos
+from transformers.video_utils import VideoMetadata as VideoMetadata  # for flowcut.testing
+from transformers.video_utils import make_batched_videos as make_batched_videos  # for flowcut.testing
 from transformers.vision_utils import get_vision_position_ids
 
 TRANSFORMERS_VERSION: str = transformers.__version__
@@ -49,26 +51,10 @@ class UnverifiedTransformersWarning(UserWarning):
     """The installed transformers lies outside the range FlowCut's CI has verified."""
 
 
-def _release(version: str) -> tuple[int, ...]:
-    """``"5.24.0"`` / ``"5.25.0.dev0"`` / ``"5.24.0rc1"`` -> ``(5, 24, 0)``: the numeric release part."""
-    numbers = []
-    for part in version.split("."):
-        digits = ""
-        for character in part:
-            if not character.isdigit():
-                break
-            digits += character
-        if not digits:
-            break
-        numbers.append(int(digits))
-        if len(digits) != len(part):
-            break
-    return tuple(numbers)
-
-
 def is_verified(version: str | None = None) -> bool:
     """Whether a transformers version (default: the installed one) lies in :data:`VERIFIED_TRANSFORMERS`."""
-    release = _release(TRANSFORMERS_VERSION if version is None else version)[:2]
+    # Pre-releases count as their release: 5.25.0.dev0 is 5.25, outside; 5.24.0rc1 is 5.24, inside.
+    release = Version(TRANSFORMERS_VERSION if version is None else version).release[:2]
     return OLDEST_VERIFIED <= release < FIRST_UNVERIFIED
 
 
@@ -250,8 +236,6 @@ unpad_image = modeling_llava_next.unpad_image
 
 vision_position_ids = get_vision_position_ids
 """Qwen-VL: the (row, column) rotary position of every patch, in the tower's merge-group order."""
-
-__all__ = ["VideoMetadata", "make_batched_videos"]  # for the frame-by-frame video processor (flowcut.testing)
 
 
 # -- processors ------------------------------------------------------------------------------------

@@ -176,8 +176,6 @@ class QwenFamily:
         family = self
 
         def wrap_images(stock: Callable[..., Any]) -> Callable[..., Any]:
-            self._stock_features["image"] = stock
-
             def get_image_features(
                 pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs: Any
             ) -> compat.EncoderOutput | tuple:
@@ -187,8 +185,6 @@ class QwenFamily:
             return get_image_features
 
         def wrap_videos(stock: Callable[..., Any]) -> Callable[..., Any]:
-            self._stock_features["video"] = stock
-
             def get_video_features(
                 pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None = None, **kwargs: Any
             ) -> compat.EncoderOutput | tuple:
@@ -198,17 +194,17 @@ class QwenFamily:
             return get_video_features
 
         def wrap_rope_index(stock: Callable[..., Any]) -> Callable[..., Any]:
-            self._stock_rope_index = stock
-
             def get_rope_index(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
                 """M-RoPE positions of a pruned prompt: the unpruned positions of the tokens that remain."""
                 return family.rope_index(stock, input_ids, *args, **kwargs)
 
             return get_rope_index
 
-        self.patch.override(self.base, "get_image_features", wrap_images)
-        self.patch.override(self.base, "get_video_features", wrap_videos)
-        self.patch.override(self.base, "get_rope_index", wrap_rope_index)
+        self._stock_features = {
+            "image": self.patch.override(self.base, "get_image_features", wrap_images),
+            "video": self.patch.override(self.base, "get_video_features", wrap_videos),
+        }
+        self._stock_rope_index = self.patch.override(self.base, "get_rope_index", wrap_rope_index)
         self.patch.hook(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         if self.pruner is not None:
             self.pruner.install()

@@ -22,15 +22,18 @@ class InstancePatch:
         self._overrides: list[tuple[Any, str, Any]] = []
         self._hooks: list[Any] = []
 
-    def override(self, owner: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    def override(
+        self, owner: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]
+    ) -> Callable[..., Any]:
         """Give ``owner`` its own ``name``: ``make(current)``, where ``current`` is what ``owner.name`` was.
 
         ``current`` is the bound method of the class, or the instance's own override where it had one,
-        so the replacement wraps whatever the instance did before (its stock path).
+        so the replacement wraps whatever the instance did before (its stock path); it is returned.
         """
         current = getattr(owner, name)
         self._overrides.append((owner, name, owner.__dict__.get(name, _ABSENT)))
         setattr(owner, name, make(current))
+        return current
 
     def hook(self, handle: Any) -> None:
         """Keep a hook's removable handle (``register_forward_pre_hook`` / ``register_forward_hook``)."""
