@@ -186,7 +186,9 @@ def prunes_in_language_model_measured(model, processor, config: FlowCutConfig) -
         (build_tiny_llava, FlowCutConfig(keep=16, method="fastv"), True),
         (build_tiny_llava, FlowCutConfig(keep=16, method="none"), False),
         (build_tiny_llava_next, FlowCutConfig(keep=16), True),
+        (build_tiny_llava_next, FlowCutConfig(keep=16, method="divprune"), False),
         (build_tiny_qwen, FlowCutConfig(keep=4), True),
+        (build_tiny_qwen, FlowCutConfig(keep=4, method="visionzip"), False),
     ],
 )
 def test_the_log_likelihood_rule_matches_where_the_library_prunes(build, config, expected):

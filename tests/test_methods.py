@@ -124,9 +124,11 @@ def test_schedule_errors(options, message):
 def test_two_stage_families_offer_the_methods_whose_needs_they_meet():
     from flowcut.methods import TWO_STAGE_REASON, available_method, get_method, method_names, two_stage_methods
 
-    assert [name for name in method_names() if get_method(name).selects_units] == ["flowcut"]
-    assert two_stage_methods() == ("flowcut", "fastv", "none")  # unit selectors, language-model methods, unpruned
-    with pytest.raises(ValueError, match=r"not available for Model \(this family's encoder stage prunes every crop"):
+    selectors = ["flowcut", "divprune", "random", "visionzip"]
+    assert [name for name in method_names() if get_method(name).selects_units] == selectors
+    # unit selectors, language-model methods, unpruned: every method but pool
+    assert two_stage_methods() == ("flowcut", "divprune", "fastv", "none", "random", "visionzip")
+    with pytest.raises(ValueError, match=r"not available for Model \(.*needs one whole patch grid per image\)"):
         available_method("pool", two_stage_methods(), "Model", TWO_STAGE_REASON)
     with pytest.raises(NotImplementedError, match="method 'pool' has no encoder stage for two-stage families"):
         get_method("pool").select_units(None)

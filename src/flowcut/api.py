@@ -64,6 +64,12 @@ class FlowCutHandle:
         """Visual tokens per image that reach the language model (a ratio where ``keep`` is one and images differ)."""
         return self._family.tokens_per_image
 
+    @property
+    def prunes_in_language_model(self) -> bool:
+        """Whether a decoder layer drops visual tokens (FastV; FlowCut on the two-stage families), so the
+        tokens kept depend on the prompt's last token."""
+        return self._family.pruner is not None
+
     def remove(self) -> None:
         """Restore the model (and processor) to their exact original behaviour. Idempotent."""
         if not self.active:

@@ -79,6 +79,25 @@ def frame_budgets(
     return [min(per_frame, base + (frame < remainder)) for frame in range(frames)]
 
 
+def unit_shares(keep: int, sizes: list[int]) -> list[int]:
+    """Split one image's budget of ``keep`` units over its rows (crops) in proportion to their ``sizes``.
+
+    SPEC §8's rule, a function of the sizes alone: row ``i`` gets ``keep · sizes[i] // sum(sizes)``
+    and the remainder goes one unit each to the first rows with room (``keep=64`` over sizes 144, 144,
+    72 gives 26, 26, 12). A budget at or above the total keeps every unit.
+    """
+    total = sum(sizes)
+    if keep >= total:
+        return list(sizes)
+    shares = [keep * size // total for size in sizes]
+    remainder = keep - sum(shares)
+    for row, size in enumerate(sizes):
+        if remainder and shares[row] < size:
+            shares[row] += 1
+            remainder -= 1
+    return shares
+
+
 @dataclass(frozen=True)
 class FlowCutConfig:
     """Settings of one pruned model instance.

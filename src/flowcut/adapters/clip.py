@@ -92,6 +92,10 @@ class ClipEncoderAdapter:
         """CLS-view criteria (SPEC §2 steps 1–3)."""
         return cls_criteria(record.query, record.key, record.value, record.scaling, alive)
 
+    def unit_keys(self, record: AttentionRecord, alive: torch.Tensor | None) -> torch.Tensor:
+        """Each patch's key averaged over heads, ``(B, N, d)`` (query slots excluded)."""
+        return record.key.mean(dim=1)[:, self.query_slots :]
+
 
 class SiglipEncoderAdapter(ClipEncoderAdapter):
     """Runs a ``SiglipVisionModel`` (no CLS token) layer by layer; patches are scored from the global token."""

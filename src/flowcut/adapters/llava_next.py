@@ -20,6 +20,10 @@ image-newline token after every row. With a budget of ``T`` tokens per image:
 Where stage 1 would keep every patch of a crop (``T // 2`` at least the patches of a crop), the
 image takes the stock path (with its newlines) and only stage 2 prunes. ``keep`` at or above an
 image's stock token count leaves it untouched.
+
+The other encoder methods (VisionZip, DivPrune, random) keep ``T`` in stage 1 and skip stage 2
+(:func:`flowcut.methods.stages`): each crop keeps its share of ``T`` by its eligible patches
+(:func:`flowcut.config.unit_shares`), each video frame its share of the video's ``T``.
 """
 
 from __future__ import annotations
@@ -51,9 +55,9 @@ from flowcut.adapters.language import (
 )
 from flowcut.adapters.llava import check_select_strategy, feature_layer_index
 from flowcut.adapters.processor import adapt_processor, check_media_placeholders
-from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
+from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep, unit_shares
 from flowcut.core.encoder_stage import EncoderStageOutput, ImageTrace
-from flowcut.methods import TWO_STAGE_REASON, UnitCall, available_method, two_stage_methods
+from flowcut.methods import TWO_STAGE_REASON, UnitCall, available_method, stages, two_stage_methods
 from flowcut.runtime import InstancePatch
 from flowcut.trace import PruningTrace
 
@@ -128,6 +132,7 @@ class LlavaNextFamily:
 
     def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
         self.method = available_method(config.method, two_stage_methods(), type(model).__name__, TWO_STAGE_REASON)
+        self.stages = stages(self.method)
         self.model = model
         self.config = config
         self.on_trace = on_trace
@@ -153,7 +158,7 @@ class LlavaNextFamily:
         self._media_order: list[tuple[int, int]] = []
         self.patch = InstancePatch()
         self.pruner: DecoderPruner | None = None
-        if self.method.prunes:
+        if self.stages.language:
             self.pruner = decoder_pruner(
                 self.base.language_model,
                 self.method.language_layer,
@@ -182,7 +187,7 @@ class LlavaNextFamily:
         if single_crop:
             stock = patches + 1  # the base view and one image-newline token
             budget = tokens_to_keep(self.config.keep, stock) if self.method.prunes else stock
-            crop_keeps = [budget] if self.method.selects_units and budget < patches else None
+            crop_keeps = [budget] if self.stages.encoder and budget < patches else None
             return ImageLayout((0, 0), stock, [], [], budget, crop_keeps)
         size = [int(side) for side in (image_size.tolist() if hasattr(image_size, "tolist") else image_size)]
         rows, columns = compat.anyres_grid_shape(size, self.pinpoints, self.crop_pixels)
@@ -207,9 +212,12 @@ class LlavaNextFamily:
         stock = patches + stock_rows * stock_columns + stock_rows
         budget = tokens_to_keep(self.config.keep, stock) if self.method.prunes else stock
         crop_keeps = None
-        if self.method.selects_units and budget < stock and budget // 2 < patches:
+        sizes = [patches] + [int(mask.sum()) for mask in eligible]
+        if self.stages.encoder_keeps_budget and budget < stock:
+            crop_keeps = unit_shares(budget, sizes)
+        elif self.stages.encoder and budget < stock and budget // 2 < patches:
             half = max(1, budget // 2)
-            crop_keeps = [half] + [min(half, int(mask.sum())) for mask in eligible]
+            crop_keeps = [min(half, size) for size in sizes]
         return ImageLayout((rows, columns), stock, eligible, grid_index, budget, crop_keeps)
 
     def pooled_side(self, side: int) -> int:
@@ -229,8 +237,10 @@ class LlavaNextFamily:
         stock = frames * self.pooled_side(side) ** 2 + self.video_newlines
         budget = tokens_to_keep(self.config.keep, stock) if self.method.prunes else stock
         frame_keeps = None
-        if self.method.selects_units and 2 * budget < stock:
-            patches = side * side
+        patches = side * side
+        if self.stages.encoder_keeps_budget and budget < stock:
+            frame_keeps = frame_budgets(budget, frames, patches)
+        elif self.stages.encoder and 2 * budget < stock:
             frame_keeps = [min(patches, 2 * share) for share in frame_budgets(budget, frames, patches)]
         return VideoLayout(frames, stock, budget, frame_keeps)
 
@@ -371,7 +381,9 @@ class LlavaNextFamily:
             self._trace_without_language_stage(target)
             return tag_encoding(output, (target.videos, None))
         keeps = layout.frame_keeps * videos
-        call = UnitCall(self.config, self.encoder, pixel_values_videos.flatten(0, 1), self.feature_layer, keeps)
+        frames_pixels = pixel_values_videos.flatten(0, 1)
+        projector = self.base.multi_modal_projector
+        call = UnitCall(self.config, self.encoder, frames_pixels, self.feature_layer, keeps, project=projector)
         with self.encoder.session():
             stage = self.method.select_units(call)
         projected = self.base.multi_modal_projector(stage.hidden_states[:, self.encoder.query_slots :])
@@ -405,7 +417,15 @@ class LlavaNextFamily:
                 keeps.append(keep)
                 eligible.append(mask)
                 owners.append((image, crop))
-        call = UnitCall(self.config, self.encoder, torch.stack(batch), self.feature_layer, keeps, None, eligible)
+        call = UnitCall(
+            self.config,
+            self.encoder,
+            torch.stack(batch),
+            self.feature_layer,
+            keeps,
+            eligible=eligible,
+            project=self.base.multi_modal_projector,
+        )
         with self.encoder.session():
             stage = self.method.select_units(call)
         projected = self.base.multi_modal_projector(stage.hidden_states[:, self.encoder.query_slots :])

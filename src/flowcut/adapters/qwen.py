@@ -10,6 +10,9 @@ Two stages, as SPEC §4 defines them for Qwen2-VL. With a budget of ``T`` tokens
 2. Language-model stage: after decoder layer 1 each image keeps its best ``T`` tokens (SPEC §3,
    FlowCut score; FastV's attention score for ``method="fastv"``, which skips stage 1).
 
+The other encoder methods (VisionZip, DivPrune, random) keep ``T`` groups in stage 1 and skip
+stage 2 (:func:`flowcut.methods.stages`).
+
 Positions (M-RoPE). Every kept visual token keeps the (t, h, w) position it has in the unpruned
 model and every text token keeps its unpruned position; new tokens continue from the unpruned
 prompt's positions. (The authors' code gives the kept tokens the first grid positions instead.)
@@ -44,7 +47,7 @@ from flowcut.adapters.processor import adapt_processor, check_media_placeholders
 from flowcut.adapters.qwen_vision import QwenVisionAdapter
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace
-from flowcut.methods import TWO_STAGE_REASON, UnitCall, available_method, two_stage_methods
+from flowcut.methods import TWO_STAGE_REASON, UnitCall, available_method, stages, two_stage_methods
 from flowcut.runtime import InstancePatch
 from flowcut.trace import PruningTrace
 
@@ -109,6 +112,7 @@ class QwenFamily:
 
     def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
         self.method = available_method(config.method, two_stage_methods(), type(model).__name__, TWO_STAGE_REASON)
+        self.stages = stages(self.method)
         self.model = model
         self.config = config
         self.on_trace = on_trace
@@ -124,7 +128,7 @@ class QwenFamily:
         """The instance's own ``get_*_features`` before FlowCut (the stock path of items under their budget)."""
         self._stock_rope_index: Callable[..., Any] | None = None
         self.pruner: DecoderPruner | None = None
-        if self.method.prunes:
+        if self.stages.language:
             self.pruner = decoder_pruner(
                 self.base.language_model,
                 self.method.language_layer,
@@ -147,14 +151,16 @@ class QwenFamily:
     def _slice_placeholders(self, slices: int, per_slice: int) -> tuple[int, list[int]]:
         """An item's budget ``T`` and, per slice, its tokens entering the language model.
 
-        The encoder stage keeps ``min(n, 2T)`` per image (SPEC §4); a video's ``T`` is first split over
-        its temporal slices (:func:`flowcut.config.frame_budgets`), and each slice keeps twice its share.
+        A video's ``T`` is first split over its temporal slices (:func:`flowcut.config.frame_budgets`).
+        FlowCut's encoder stage keeps ``min(n, 2T)`` per image, twice each slice's share (SPEC §4), for the
+        language-model stage to finish; the other encoder methods keep ``T`` (each slice its share).
         """
         budget = self.budget(slices * per_slice)
-        if not self.method.selects_units:
+        if not self.stages.encoder:
             return budget, [per_slice] * slices
+        factor = 2 if self.stages.language else 1
         return budget, [
-            min(per_slice, 2 * share)
+            min(per_slice, factor * share)
             for share in frame_budgets(budget, slices, per_slice, "temporal patches", self.config.keep)
         ]
 
@@ -237,7 +243,17 @@ class QwenFamily:
         counts = [item.cells_per_slice for item in items for _ in range(item.slices)]
         keeps = [count for item in items for count in item.slice_placeholders]
         # The merger reads the last block's output: every block runs, the last before it prunes last.
-        call = UnitCall(self.config, self.encoder, pixel_values, self.encoder.num_layers - 1, keeps, counts)
+        rows = list(pixel_values.split([count * self.encoder.group for count in counts]))
+        call = UnitCall(
+            self.config,
+            self.encoder,
+            pixel_values,
+            self.encoder.num_layers - 1,
+            keeps,
+            counts,
+            project=self.encoder.project_units,
+            pixel_rows=rows,
+        )
         with self.encoder.session(slice_grid_thw):
             stage = self.method.select_units(call)
             features = self.encoder.merge(stage.hidden_states, stage.counts)

@@ -168,23 +168,36 @@ class QwenVisionAdapter:
 
     def criteria(self, record: AttentionRecord, alive: torch.Tensor | None) -> CriteriaScores:
         """Global-token criteria per patch, grouped into units (SPEC §4)."""
-        if self._order is None:
-            raise RuntimeError("criteria() needs the packing of the layer that was just run")
-        rows, slots = self._order
-        counts = self._counts
-        batch, width = len(counts), max(counts)
-        projections = []
-        for tensor in (record.query, record.key, record.value):
-            heads, head_dim = tensor.shape[1], tensor.shape[-1]
-            per_patch = tensor[0].transpose(0, 1).reshape(-1, self.group, heads, head_dim)
-            padded = per_patch.new_zeros(batch, width, self.group, heads, head_dim)
-            padded[rows, slots] = per_patch
-            projections.append(padded.reshape(batch, width * self.group, heads, head_dim).transpose(1, 2))
+        query, key, value = (self._per_patch(tensor) for tensor in (record.query, record.key, record.value))
         patch_alive = None
         if alive is not None:
             patch_alive = alive.repeat_interleave(self.group, dim=1)
-        per_patch = global_query_criteria(*projections, record.scaling, patch_alive)
+        per_patch = global_query_criteria(query, key, value, record.scaling, patch_alive)
         return group_criteria(per_patch, self.group)
+
+    def unit_keys(self, record: AttentionRecord, alive: torch.Tensor | None) -> torch.Tensor:
+        """Each unit's key: its patches' keys averaged over heads and over the group, ``(B, N, d)``."""
+        key = self._per_patch(record.key)
+        batch, _, patches, head_dim = key.shape
+        return key.mean(dim=1).view(batch, patches // self.group, self.group, head_dim).mean(dim=2)
+
+    def _per_patch(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A packed ``(1, H, total, d)`` projection of the layer just run, per image: ``(B, H, N_max·group, d)``."""
+        if self._order is None:
+            raise RuntimeError("the criteria need the packing of the layer that was just run")
+        rows, slots = self._order
+        batch, width = len(self._counts), max(self._counts)
+        heads, head_dim = tensor.shape[1], tensor.shape[-1]
+        per_patch = tensor[0].transpose(0, 1).reshape(-1, self.group, heads, head_dim)
+        padded = per_patch.new_zeros(batch, width, self.group, heads, head_dim)
+        padded[rows, slots] = per_patch
+        return padded.reshape(batch, width * self.group, heads, head_dim).transpose(1, 2)
+
+    def project_units(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The merger's output for every unit slot: ``(B, N, 4·D) -> (B, N, D_text)`` (padding slots too)."""
+        batch, width, unit_dim = hidden_states.shape
+        merged = self.visual.merger(hidden_states.reshape(-1, unit_dim // self.group))
+        return merged.view(batch, width, -1)
 
     def merge(self, hidden_states: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         """The merger's output for each image's first ``counts[b]`` units: ``(count, D_text)`` per image."""

@@ -132,6 +132,10 @@ class VisionEncoderAdapter(Protocol):
         """The per-unit criteria (query slots excluded) from one layer's attention record."""
         ...
 
+    def unit_keys(self, record: AttentionRecord, alive: torch.Tensor | None) -> torch.Tensor:
+        """Each unit's key averaged over heads (and over the unit's patches), ``(B, N, d)``; VisionZip merges by it."""
+        ...
+
 
 @dataclass
 class ImageTrace:
@@ -166,7 +170,7 @@ class EncoderStageOutput:
 _SCORE_NAMES = ("relation", "semantic", "density", "score", "cumulative")
 
 
-def _slot_mask(counts: list[int], width: int, query_slots: int, device: torch.device) -> torch.Tensor:
+def slot_mask(counts: list[int], width: int, query_slots: int, device: torch.device) -> torch.Tensor:
     """``(B, query_slots + width)`` mask of real slots: the query slots plus the first ``count`` unit slots."""
     patch_slots = torch.arange(width, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
     query_slot = torch.ones(len(counts), query_slots, dtype=torch.bool, device=device)
@@ -237,7 +241,7 @@ def run_encoder_stage(
     for index in range(settings.feature_layer + 1):
         width = max(counts)
         ragged = min(counts) != width
-        alive = _slot_mask(counts, width, lead, device) if ragged else None
+        alive = slot_mask(counts, width, lead, device) if ragged else None
         scoring = index <= settings.last_prune_layer and any(c > k for c, k in zip(counts, keeps, strict=True))
         if settings.one_shot:
             scoring = scoring and index == settings.last_prune_layer

@@ -37,7 +37,6 @@ from PIL import Image
 
 from flowcut.api import apply
 from flowcut.config import FlowCutConfig
-from flowcut.methods import get_method
 
 MODULE = "flowcut.integrations.lmms_eval"
 """This module's import path (``__name__`` is ``__main__`` when it runs as a command)."""
@@ -86,7 +85,7 @@ LANGUAGE_STAGE_LOGLIKELIHOOD = (
     "its decoder layer picks the visual tokens with the last token of the pass, which in a log-likelihood "
     "pass is the last token of the candidate answer, so every candidate would be scored against different "
     "visual tokens than generation sees. Use generation tasks, or a method that prunes in the vision "
-    "encoder (LLaVA-1.5: flowcut, visionzip, divprune, pool, random)."
+    "encoder only (every family: visionzip, divprune, random; LLaVA-1.5 and Video-LLaVA: flowcut and pool too)."
 )
 
 
@@ -116,17 +115,11 @@ def single_process_device_map(wrapper_args: dict[str, Any]) -> dict[str, Any]:
 def prunes_in_language_model(model: Any, config: FlowCutConfig) -> bool:
     """Whether ``config`` on ``model`` drops visual tokens inside the language model (after a decoder layer).
 
-    LLaVA-1.5 prunes in the vision encoder except with language-stage methods (FastV); LLaVA-NeXT,
-    LLaVA-OneVision and Qwen2-VL/2.5-VL always finish with a language-model stage (SPEC §3-4).
+    The family decides (FastV everywhere; FlowCut's second stage on LLaVA-NeXT, OneVision and Qwen-VL);
+    the configuration is applied and removed at once to ask it.
     """
-    from transformers import LlavaForConditionalGeneration
-
-    method = get_method(config.method)
-    if not method.prunes:
-        return False
-    if isinstance(model, LlavaForConditionalGeneration):
-        return method.stage == "language"
-    return True
+    with apply(model, config=config) as handle:
+        return handle.prunes_in_language_model
 
 
 class FlowCutWrapperMixin:
@@ -153,7 +146,7 @@ class FlowCutWrapperMixin:
         visual tokens as generation. Language-model pruning would pick them from the continuation's
         last token (see :data:`LANGUAGE_STAGE_LOGLIKELIHOOD`).
         """
-        if prunes_in_language_model(self.model, self.flowcut_config):
+        if self.flowcut_handle.prunes_in_language_model:
             raise NotImplementedError(
                 LANGUAGE_STAGE_LOGLIKELIHOOD.format(method=self.flowcut_config.method, model=type(self.model).__name__)
             )

@@ -1,10 +1,13 @@
 """The method registry behind :func:`flowcut.apply`: which visual tokens of each image reach the language model.
 
-A method is one small class in one module of this package, registered with :func:`register`:
-it receives an :class:`EncoderCall` (the images, the family's encoder adapter, the feature layer
-and the family's projector) and returns an :class:`MethodOutput` with exactly
-:meth:`Method.tokens_per_image` projected tokens per image. Methods know nothing about model
-families; a family adapter builds the call. Adding a method means adding one module here.
+A method is one small class in one module of this package, registered with :func:`register`.
+Single-stage families (LLaVA-1.5, Video-LLaVA) hand it an :class:`EncoderCall` (the images, the
+family's encoder adapter, the feature layer and the projector) and get a :class:`MethodOutput`
+with exactly :meth:`Method.tokens_per_image` projected tokens per image. Two-stage families
+(LLaVA-NeXT, LLaVA-OneVision, Qwen-VL) hand it a :class:`UnitCall` (rows of units with their own
+budgets) and get each row's kept units (:meth:`Method.select_units`); :func:`stages` says where a
+method prunes there. Methods know nothing about model families; a family adapter builds the call.
+Adding a method means adding one module here.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from flowcut.core.encoder_stage import (
     EncoderStageOutput,
     ImageTrace,
     VisionEncoderAdapter,
+    slot_mask,
 )
 
 if TYPE_CHECKING:
@@ -67,6 +71,30 @@ class UnitCall:
     """Units of each row where rows differ in size (the encoder pads them); None: every row is full."""
     eligible: list[torch.Tensor | None] | None = None
     """Per row, the units that may survive (None: all); the others are always dropped first."""
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """The family's projector over unit states: ``(B, N, D_unit) -> (B, N, D_text)`` (methods that score
+    the language model's input embeddings, DivPrune, need it)."""
+    pixel_rows: list[torch.Tensor] | None = None
+    """Each row's own pixels where ``pixel_values`` packs the rows together (Qwen-VL); None: ``pixel_values[b]``."""
+
+    @property
+    def rows(self) -> int:
+        """Rows (crops, frames or images) of the call."""
+        return len(self.keeps)
+
+    def row_pixels(self, row: int) -> torch.Tensor:
+        """The pixels of one row: what makes a row the same row alone or in any batch."""
+        return self.pixel_values[row] if self.pixel_rows is None else self.pixel_rows[row]
+
+    def unit_count(self, row: int) -> int:
+        """Units of one row before pruning."""
+        return self.counts[row] if self.counts is not None else self.encoder.num_patches
+
+    def candidates(self, row: int) -> torch.Tensor:
+        """Ascending indices of the row's units that may survive (its real units, those ``eligible`` allows)."""
+        units = torch.arange(self.unit_count(row))
+        mask = None if self.eligible is None else self.eligible[row]
+        return units if mask is None else units[mask.cpu()[: len(units)]]
 
 
 @dataclass
@@ -98,6 +126,10 @@ class Method:
     layer after which visual tokens are pruned."""
     language_score: ClassVar[str] = "attention"
     """The score used there: one of :data:`flowcut.core.language_stage.SCORES`."""
+    finishes_in_language_model: ClassVar[bool] = False
+    """Encoder methods in two-stage families: True where the encoder stage keeps more than ``T`` and a
+    decoder layer finishes at ``T`` (FlowCut, SPEC §4); False where the encoder stage keeps ``T`` itself
+    (each crop, frame or slice its share, SPEC §8) and no decoder layer prunes."""
 
     def tokens_per_image(self, keep: int, num_patches: int) -> int:
         """Visual tokens per image that reach the language model."""
@@ -110,8 +142,10 @@ class Method:
     def select_units(self, call: UnitCall) -> EncoderStageOutput:
         """The encoder stage of a two-stage family: each row's kept units at the feature layer, unprojected.
 
-        Only methods that override this run in the encoder stage of LLaVA-NeXT, LLaVA-OneVision and
-        Qwen-VL (and keep twice the budget there; ``language_score`` finishes after ``language_layer``).
+        Row ``b`` of the output's ``hidden_states`` holds the query slots, then its ``counts[b]`` kept
+        units in ascending unit order (the order of its trace's ``kept_indices``). Only methods that
+        override this run in the encoder stage of LLaVA-NeXT, LLaVA-OneVision and Qwen-VL;
+        :func:`stages` says whether a decoder layer prunes after them.
         """
         raise NotImplementedError(f"method {self.name!r} has no encoder stage for two-stage families")
 
@@ -144,6 +178,35 @@ def get_method(name: str) -> Method:
     return _REGISTRY[name]
 
 
+@dataclass(frozen=True)
+class Stages:
+    """Where a method prunes in a family with an encoder and a language-model stage (LLaVA-NeXT, Qwen-VL)."""
+
+    encoder: bool
+    """The method's :meth:`Method.select_units` chooses each row's units in the vision tower."""
+    language: bool
+    """A decoder layer (``language_layer``) prunes each image to its budget ``T``."""
+
+    @property
+    def encoder_keeps_budget(self) -> bool:
+        """The encoder stage alone delivers ``T`` per image (its rows share ``T``, SPEC §8)."""
+        return self.encoder and not self.language
+
+
+def stages(method: Method) -> Stages:
+    """The two-stage split of ``method``: the one rule every two-stage family follows.
+
+    FlowCut keeps more than ``T`` in the encoder and finishes after decoder layer 1 (SPEC §4); the
+    other encoder methods keep ``T`` in the encoder and leave the language model unpruned, as their
+    authors run them; language-model methods (FastV) prune only there; ``none`` nowhere.
+    """
+    if not method.prunes:
+        return Stages(encoder=False, language=False)
+    if method.stage == "language":
+        return Stages(encoder=False, language=True)
+    return Stages(encoder=method.selects_units, language=method.finishes_in_language_model)
+
+
 def two_stage_methods() -> tuple[str, ...]:
     """Methods a two-stage family offers: the unpruned reference, language-model methods, unit selectors."""
     return tuple(
@@ -168,8 +231,8 @@ def available_method(name: str, available: tuple[str, ...], model_name: str, rea
 
 
 TWO_STAGE_REASON = (
-    "this family's encoder stage prunes every crop, frame or merge group to its own budget, "
-    "and the method has no such encoder stage yet"
+    "this family's encoder stage prunes every crop, frame or image to its own budget of units, "
+    "and the method needs one whole patch grid per image"
 )
 """Why a two-stage family does not offer a method (:func:`available_method`'s ``reason``)."""
 
@@ -185,6 +248,51 @@ def run_to_feature_layer(call: EncoderCall, record_last: bool = False) -> tuple[
         last = index == call.feature_layer
         hidden_states = call.encoder.run_layer(index, hidden_states, None, recorder if last else None)
     return hidden_states, recorder.take() if recorder is not None else None
+
+
+def run_units_to_feature_layer(
+    call: UnitCall, record_last: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, AttentionRecord | None]:
+    """A unit call's unpruned feature-layer states ``(B, query_slots + N_max, D)``, its padding mask (None:
+    every row is full) and that layer's attention inputs if asked."""
+    hidden_states = call.encoder.embed(call.pixel_values)
+    lead = call.encoder.query_slots
+    width = hidden_states.shape[1] - lead
+    counts = [call.unit_count(row) for row in range(call.rows)]
+    alive = None if min(counts) == width else slot_mask(counts, width, lead, hidden_states.device)
+    recorder = AttentionRecorder() if record_last else None
+    for index in range(call.feature_layer + 1):
+        last = index == call.feature_layer
+        hidden_states = call.encoder.run_layer(index, hidden_states, alive, recorder if last else None)
+    return hidden_states, alive, recorder.take() if recorder is not None else None
+
+
+def kept_units_output(
+    call: UnitCall,
+    hidden_states: torch.Tensor,
+    kept: list[torch.Tensor],
+    tokens: list[torch.Tensor] | None = None,
+) -> EncoderStageOutput:
+    """The encoder-stage output of rows whose units were chosen at the unpruned feature layer.
+
+    ``kept`` holds each row's ascending unit indices; ``tokens`` their states where the method made
+    new ones (merged tokens standing at a unit's place), else the feature layer's own.
+    """
+    lead = call.encoder.query_slots
+    width = max(len(indices) for indices in kept)
+    output = hidden_states.new_zeros(hidden_states.shape[0], lead + width, hidden_states.shape[-1])
+    output[:, :lead] = hidden_states[:, :lead]
+    traces = []
+    layers = call.feature_layer + 1
+    for row, indices in enumerate(kept):
+        states = hidden_states[row, lead + indices.to(hidden_states.device)] if tokens is None else tokens[row]
+        output[row, lead : lead + len(indices)] = states
+        kept_cpu = indices.cpu()
+        units = call.unit_count(row)
+        traces.append(
+            ImageTrace(kept_cpu, [units] * layers, [call.feature_layer], [None] * layers, kept_after_prune=[kept_cpu])
+        )
+    return EncoderStageOutput(output, traces, counts=[len(indices) for indices in kept])
 
 
 def unpruned_trace(kept_indices: torch.Tensor, call: EncoderCall) -> ImageTrace:
@@ -206,11 +314,15 @@ __all__ = [
     "EncoderCall",
     "Method",
     "MethodOutput",
+    "Stages",
     "UnitCall",
     "get_method",
+    "kept_units_output",
     "method_names",
     "register",
     "run_to_feature_layer",
+    "run_units_to_feature_layer",
+    "stages",
     "two_stage_methods",
     "unpruned_trace",
 ]

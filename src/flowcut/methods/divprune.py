@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from flowcut.methods import EncoderCall, Method, MethodOutput, register, run_to_feature_layer, unpruned_trace
+from flowcut.core.encoder_stage import EncoderStageOutput
+from flowcut.methods import (
+    EncoderCall,
+    Method,
+    MethodOutput,
+    UnitCall,
+    kept_units_output,
+    register,
+    run_to_feature_layer,
+    run_units_to_feature_layer,
+    unpruned_trace,
+)
 
 
 def max_min_diverse(features: torch.Tensor, keep: int) -> torch.Tensor:
@@ -41,3 +52,16 @@ class DivPrune(Method):
         features = torch.stack([image[indices] for image, indices in zip(projected, kept, strict=True)])
         patches = torch.stack([image[1 + indices] for image, indices in zip(hidden_states, kept, strict=True)])
         return MethodOutput(features, patches, [unpruned_trace(indices, call) for indices in kept])
+
+    def select_units(self, call: UnitCall) -> EncoderStageOutput:
+        """Each row's most diverse candidate units, measured on their projections (one token per unit)."""
+        if call.project is None:
+            raise ValueError("DivPrune measures diversity on the projected tokens: the family must pass its projector")
+        hidden_states, _, _ = run_units_to_feature_layer(call)
+        projected = call.project(hidden_states[:, call.encoder.query_slots :])
+        kept = []
+        for row, keep in enumerate(call.keeps):
+            candidates = call.candidates(row)
+            picks = max_min_diverse(projected[row, candidates.to(projected.device)], keep).cpu()
+            kept.append(candidates[picks])
+        return kept_units_output(call, hidden_states, kept)

@@ -32,6 +32,7 @@ class FlowCut(Method):
     summary = "FlowCut (arXiv 2505.19536): progressive, entropy-adaptive pruning by cumulative CLS-view scores"
     language_score = "flowcut"
     """Two-stage families (LLaVA-NeXT, Qwen2-VL) finish in the language model with SPEC §3's score."""
+    finishes_in_language_model = True
 
     def run(self, call: EncoderCall) -> MethodOutput:
         settings = stage_settings(call.config, call.config.keep, call.feature_layer)
