@@ -98,3 +98,36 @@ def test_remove_brings_back_the_processors_own_override():
     handle.remove()
     assert processor.__dict__["replace_image_token"] is own
     assert "_get_num_multimodal_tokens" not in processor.__dict__
+
+
+@pytest.mark.parametrize("builder", ["llava-next", "qwen2-vl"])
+def test_encodings_describe_their_media_and_foreign_ones_are_refused(builder):
+    from flowcut import compat
+    from flowcut.runtime.encoding import MediaEncoding, encoded_media
+
+    model, processor = BUILDERS[builder]()
+    image = picture(48, 64, 0)
+    if builder == "qwen2-vl":
+        content = [{"type": "image"}, {"type": "text", "text": "what ?"}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        feature_args = ("pixel_values", "image_grid_thw")
+    else:
+        text, feature_args = "USER: <image>\nwhat ? ASSISTANT:", ("pixel_values", "image_sizes")
+    stock_inputs = processor(images=[image], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        stock = model.model.get_image_features(*(stock_inputs[name] for name in feature_args))
+    assert type(stock) is compat.EncoderOutput
+    with pytest.raises(ValueError, match="these image encodings were not made by this model's get_image_features"):
+        encoded_media(stock, "image")
+    with flowcut.apply(model, processor=processor, keep=8), torch.no_grad():
+        inputs = processor(images=[image], text=[text], return_tensors="pt")
+        encoding = model.model.get_image_features(*(inputs[name] for name in feature_args))
+        assert isinstance(encoding, MediaEncoding) and isinstance(encoding, compat.EncoderOutput)
+        items = encoded_media(encoding, "image")[0]
+        placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
+        assert [item.placeholders for item in items] == [placeholders]
+        assert placeholders == (12 if builder == "llava-next" else 16)  # 3 crops of T/2; 2T merge groups
+        # generate hands the encoding back in place of the pixels; the prefill reads its items from it
+        given = {key: value for key, value in inputs.items() if key != "pixel_values"}
+        from_encoding = model(**given, mm_encoder_outputs={"image": encoding}).logits
+        assert torch.equal(from_encoding, model(**inputs).logits)

@@ -121,54 +121,6 @@ def prompt_order_budgets(
     return media_budgets(prompt_ids[:, : visual.shape[1]], visual, counts)
 
 
-ENCODING_TAG = "flowcut_media"
-"""Attribute of an encoding made by FlowCut's ``get_*_features``: what the prefill needs to know of its media."""
-
-
-SCORING_TAG = "flowcut_scoring_seconds"
-"""Attribute of such an encoding under ``time_scoring``: seconds its encoder stage spent scoring and selecting."""
-
-
-def tag_encoding(output: Any, media: tuple[Any, Any], scoring_seconds: float | None = None) -> Any:
-    """``output`` (a ``get_*_features`` result) marked with its media's layouts; ``media[0]`` lists one per item.
-
-    ``generate`` encodes images and videos before its prefill and hands the encodings over; the
-    prefill reads each encoding's own tag instead of guessing which earlier call made it.
-    """
-    setattr(output, ENCODING_TAG, media)
-    setattr(output, SCORING_TAG, scoring_seconds)
-    return output
-
-
-def encoding_scoring(encoding: Any) -> float | None:
-    """The scoring time a tagged encoding carries (None: not timed, or no encoding)."""
-    return None if encoding is None else getattr(encoding, SCORING_TAG, None)
-
-
-def total_scoring_seconds(*seconds: float | None) -> float | None:
-    """The sum of the timed parts, or None where none was timed."""
-    timed = [part for part in seconds if part is not None]
-    return sum(timed) if timed else None
-
-
-def encoding_tag(encoding: Any, kind: str) -> Any:
-    """The tag of an encoding of ``kind`` ("image" or "video"), or a clear error where it has none or no longer fits."""
-    media = getattr(encoding, ENCODING_TAG, None)
-    if media is None:
-        raise ValueError(
-            f"these {kind} encodings were not made by this model's get_{kind}_features while FlowCut was "
-            "applied: pass the pixels instead (generate(prefill_chunk_size=...) also slices them into new "
-            "encodings per chunk, which FlowCut's two-stage families do not support)"
-        )
-    if len(encoding.pooler_output) != len(media[0]):
-        raise ValueError(
-            f"{len(encoding.pooler_output)} {kind} encodings for {len(media[0])} encoded {kind}s: generate with "
-            "num_beams > 1 or num_return_sequences > 1 repeats them, which FlowCut's two-stage families do not "
-            "support yet"
-        )
-    return media
-
-
 def _same_images(first: tuple[torch.Tensor, ...] | None, second: tuple[torch.Tensor, ...] | None) -> bool:
     if first is None or second is None:
         return first is second

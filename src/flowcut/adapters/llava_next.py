@@ -45,13 +45,9 @@ from flowcut.adapters.clip import vision_adapter
 from flowcut.adapters.language import (
     DecoderPruner,
     decoder_pruner,
-    encoding_scoring,
-    encoding_tag,
     images_key,
     prompt_layout,
     prompt_order_budgets,
-    tag_encoding,
-    total_scoring_seconds,
 )
 from flowcut.adapters.llava import check_select_strategy, feature_layer_index
 from flowcut.adapters.processor import adapt_processor, check_media_placeholders
@@ -59,6 +55,7 @@ from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep, unit_sh
 from flowcut.core.encoder_stage import EncoderStageOutput, ImageTrace
 from flowcut.methods import TWO_STAGE_REASON, UnitCall, available_method, stages, two_stage_methods
 from flowcut.runtime import InstancePatch
+from flowcut.runtime.encoding import encoded_media, encoding_scoring, media_encoding, total_scoring_seconds
 from flowcut.trace import PruningTrace
 
 
@@ -342,7 +339,7 @@ class LlavaNextFamily:
             output = stock(pixel_values, image_sizes, **stock_kwargs)
             if not pruned:
                 self._trace_without_language_stage(target)
-                return tag_encoding(output, (layouts, None))
+                return media_encoding(output, (layouts, None))
             features = list(output.pooler_output)
         crops_per_image = [
             1 if alone else compat.anyres_crop_count(size, self.pinpoints, self.crop_pixels)
@@ -358,8 +355,9 @@ class LlavaNextFamily:
         target.crop_traces, target.image_scoring = stage.images, stage.scoring_seconds
         self._trace_without_language_stage(target)
         output = compat.encoder_output(pooler_output=features)
-        tag_encoding(output, (layouts, stage.images), stage.scoring_seconds)
-        return output if kwargs.get("return_dict", True) else output.to_tuple()
+        if not kwargs.get("return_dict", True):
+            return output.to_tuple()
+        return media_encoding(output, (layouts, stage.images), stage.scoring_seconds)
 
     def _check_settings(self, kwargs: dict[str, Any]) -> None:
         for name in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
@@ -379,7 +377,7 @@ class LlavaNextFamily:
         if layout.frame_keeps is None:
             output = stock(pixel_values_videos, **{key: value for key, value in kwargs.items() if value is not None})
             self._trace_without_language_stage(target)
-            return tag_encoding(output, (target.videos, None))
+            return media_encoding(output, (target.videos, None))
         keeps = layout.frame_keeps * videos
         frames_pixels = pixel_values_videos.flatten(0, 1)
         projector = self.base.multi_modal_projector
@@ -393,8 +391,9 @@ class LlavaNextFamily:
         target.video_scoring = stage.scoring_seconds
         self._trace_without_language_stage(target)
         output = compat.encoder_output(pooler_output=features)
-        tag_encoding(output, (target.videos, target.frame_traces), stage.scoring_seconds)
-        return output if kwargs.get("return_dict", True) else output.to_tuple()
+        if not kwargs.get("return_dict", True):
+            return output.to_tuple()
+        return media_encoding(output, (target.videos, target.frame_traces), stage.scoring_seconds)
 
     @staticmethod
     def _single_crop(batch_num_images: Any, count: int) -> list[bool]:
@@ -471,8 +470,8 @@ class LlavaNextFamily:
             # Encoded by generate through this instance's get_*_features before its prefill (later
             # uncached passes bring the same encodings): each encoding carries its own layouts.
             image, video = encoded.get("image"), encoded.get("video")
-            layouts, crop_traces = encoding_tag(image, "image") if image is not None else ([], None)
-            videos, frame_traces = encoding_tag(video, "video") if video is not None else ([], None)
+            layouts, crop_traces = encoded_media(image, "image") if image is not None else ([], None)
+            videos, frame_traces = encoded_media(video, "video") if video is not None else ([], None)
             self.prompt = _Prompt(layouts, crop_traces, videos, frame_traces)
             self.prompt.image_scoring, self.prompt.video_scoring = encoding_scoring(image), encoding_scoring(video)
             self._pending = None

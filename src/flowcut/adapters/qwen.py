@@ -35,13 +35,9 @@ from flowcut import compat
 from flowcut.adapters.language import (
     DecoderPruner,
     decoder_pruner,
-    encoding_scoring,
-    encoding_tag,
     images_key,
     prompt_layout,
     prompt_order_budgets,
-    tag_encoding,
-    total_scoring_seconds,
 )
 from flowcut.adapters.processor import adapt_processor, check_media_placeholders
 from flowcut.adapters.qwen_vision import QwenVisionAdapter
@@ -49,6 +45,7 @@ from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace
 from flowcut.methods import TWO_STAGE_REASON, UnitCall, available_method, stages, two_stage_methods
 from flowcut.runtime import InstancePatch
+from flowcut.runtime.encoding import encoded_media, encoding_scoring, media_encoding, total_scoring_seconds
 from flowcut.trace import PruningTrace
 
 IMAGE, VIDEO = 1, 2
@@ -237,7 +234,7 @@ class QwenFamily:
         if all(item.placeholders == item.cells for item in items):
             # No item is over its encoder budget: the stock tower, bit for bit.
             output = self._stock_features[kind](pixel_values, grid_thw, **kwargs)
-            return tag_encoding(output, (items, grid_thw)) if isinstance(output, compat.EncoderOutput) else output
+            return media_encoding(output, (items, grid_thw))
         slice_grid_thw = grid_thw.repeat_interleave(grid_thw[:, 0], dim=0)
         slice_grid_thw[:, 0] = 1
         counts = [item.cells_per_slice for item in items for _ in range(item.slices)]
@@ -267,8 +264,9 @@ class QwenFamily:
             pooled.append(torch.cat([features[index] for index in slices]))
             first += item.slices
         output = compat.encoder_output(last_hidden_state=stage.hidden_states, pooler_output=tuple(pooled))
-        tag_encoding(output, (items, grid_thw), stage.scoring_seconds)
-        return output if kwargs.get("return_dict", True) else output.to_tuple()
+        if not kwargs.get("return_dict", True):
+            return output.to_tuple()
+        return media_encoding(output, (items, grid_thw), stage.scoring_seconds)
 
     def rope_index(
         self,
@@ -378,10 +376,10 @@ class QwenFamily:
             output = self.encode(kind, kwargs[pixels_name], grid)
             kwargs[pixels_name] = None
             kwargs["mm_encoder_outputs"] = {**encoded, kind: output}
-            return encoding_tag(output, kind)
+            return encoded_media(output, kind)
         if encoded.get(kind) is None:
             return [], None
-        return encoding_tag(encoded[kind], kind)
+        return encoded_media(encoded[kind], kind)
 
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
         """Encode the media first (so their kept cells are known), fix the positions, prepare the pruner.

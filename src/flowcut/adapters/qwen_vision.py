@@ -51,8 +51,6 @@ class QwenVisionAdapter:
         self._eager = compat.eager_attention(self.blocks[0].attn)
         self._grids: list[tuple[int, int]] = []
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._order: torch.Tensor | None = None
-        self._counts: list[int] = []
 
     @property
     def num_layers(self) -> int:
@@ -79,7 +77,7 @@ class QwenVisionAdapter:
         try:
             yield self
         finally:
-            self._grids, self._rotary, self._order, self._counts = [], None, None, []
+            self._grids, self._rotary = [], None
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch embeddings grouped into units and padded per image: ``(B, N_max, 4·D)``.
@@ -120,6 +118,7 @@ class QwenVisionAdapter:
         options: dict[str, Any] = {}
         switch = nullcontext()
         if recorder is not None:
+            recorder.layout = (order, counts)  # the records say how the packed tokens map to images
             implementation = compat.attention_implementation(self.config)
             options = {
                 "flowcut_recorder": recorder,
@@ -137,7 +136,6 @@ class QwenVisionAdapter:
             )
         result = hidden_states.new_zeros(batch, width, unit_dim)
         result[rows, slots] = output.reshape(-1, unit_dim)
-        self._order, self._counts = order, counts
         return result
 
     def _packing(
@@ -168,7 +166,7 @@ class QwenVisionAdapter:
 
     def criteria(self, record: AttentionRecord, alive: torch.Tensor | None) -> CriteriaScores:
         """Global-token criteria per patch, grouped into units (SPEC §4)."""
-        query, key, value = (self._per_patch(tensor) for tensor in (record.query, record.key, record.value))
+        query, key, value = (self._per_patch(record, tensor) for tensor in (record.query, record.key, record.value))
         patch_alive = None
         if alive is not None:
             patch_alive = alive.repeat_interleave(self.group, dim=1)
@@ -177,16 +175,16 @@ class QwenVisionAdapter:
 
     def unit_keys(self, record: AttentionRecord, alive: torch.Tensor | None) -> torch.Tensor:
         """Each unit's key: its patches' keys averaged over heads and over the group, ``(B, N, d)``."""
-        key = self._per_patch(record.key)
+        key = self._per_patch(record, record.key)
         batch, _, patches, head_dim = key.shape
         return key.mean(dim=1).view(batch, patches // self.group, self.group, head_dim).mean(dim=2)
 
-    def _per_patch(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A packed ``(1, H, total, d)`` projection of the layer just run, per image: ``(B, H, N_max·group, d)``."""
-        if self._order is None:
-            raise RuntimeError("the criteria need the packing of the layer that was just run")
-        rows, slots = self._order
-        batch, width = len(self._counts), max(self._counts)
+    def _per_patch(self, record: AttentionRecord, tensor: torch.Tensor) -> torch.Tensor:
+        """A packed ``(1, H, total, d)`` projection of ``record``, per image: ``(B, H, N_max·group, d)``."""
+        if record.layout is None:
+            raise RuntimeError("a Qwen vision record needs the packing of its layer (run_layer sets it)")
+        (rows, slots), counts = record.layout
+        batch, width = len(counts), max(counts)
         heads, head_dim = tensor.shape[1], tensor.shape[-1]
         per_patch = tensor[0].transpose(0, 1).reshape(-1, self.group, heads, head_dim)
         padded = per_patch.new_zeros(batch, width, self.group, heads, head_dim)

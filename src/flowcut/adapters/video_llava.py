@@ -22,12 +22,12 @@ from transformers import VideoLlavaForConditionalGeneration
 
 from flowcut import compat
 from flowcut.adapters.clip import ClipEncoderAdapter
-from flowcut.adapters.language import total_scoring_seconds
 from flowcut.adapters.llava import LlavaFamily, feature_layer_index
 from flowcut.adapters.processor import adapt_processor, check_placeholder_count
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace
 from flowcut.methods import EncoderCall
+from flowcut.runtime.encoding import total_scoring_seconds
 from flowcut.trace import PruningTrace
 
 

@@ -13,8 +13,8 @@ so an image keeps the same tokens alone or in any batch.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import torch
 
@@ -63,6 +63,9 @@ class AttentionRecord:
     key: torch.Tensor
     value: torch.Tensor
     scaling: float
+    layout: Any = None
+    """Where the adapter placed each image's tokens for this layer (packed adapters such as Qwen-VL's:
+    the (row, slot) of every packed unit and each row's count); None: ``(B, H, K, d)`` per image."""
 
 
 class AttentionRecorder:
@@ -70,6 +73,8 @@ class AttentionRecorder:
 
     def __init__(self) -> None:
         self.records: list[AttentionRecord] = []
+        self.layout: Any = None
+        """Set by an adapter that packs the images' tokens for the layer; every record taken carries it."""
 
     @property
     def record(self) -> AttentionRecord | None:
@@ -91,11 +96,11 @@ class AttentionRecorder:
             raise RuntimeError("the layer ran without passing through FlowCut's recording attention")
         records, self.records = self.records, []
         if len(records) == 1:
-            return records[0]
+            return replace(records[0], layout=self.layout)
         query, key, value = (
             torch.cat([getattr(record, name) for record in records], dim=2) for name in ("query", "key", "value")
         )
-        return AttentionRecord(query, key, value, records[0].scaling)
+        return AttentionRecord(query, key, value, records[0].scaling, self.layout)
 
 
 class VisionEncoderAdapter(Protocol):
