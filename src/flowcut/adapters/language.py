@@ -70,6 +70,19 @@ class PrunedPrompt:
     filler: torch.Tensor | None = None
     """``(B, L')``: kept slots that only pad a shorter row and must not be attended to (None: no such slot)."""
     images_key: tuple[torch.Tensor, ...] | None = None
+    prefill: LanguagePrefill | None = None
+    """The pass that produced it (a continuation: the continuing pass), which is told of the prune."""
+
+
+@dataclass
+class LanguagePrefill:
+    """One prefill the pruner may prune, as the pass that starts it sees it: built by the family's pre-hook."""
+
+    layout: PromptLayout
+    budgets: Budgets
+    """Per row, the placeholder count and budget of each of its images and videos (from a visual mask)."""
+    report: OnPrune
+    """Told of the prune (the family traces it against this pass's media)."""
 
 
 def prompt_layout(
@@ -121,6 +134,26 @@ def prompt_order_budgets(
     return media_budgets(prompt_ids[:, : visual.shape[1]], visual, counts)
 
 
+MediaReport = Callable[[torch.Tensor, list[tuple[tuple[int, int], torch.Tensor]]], None]
+"""Told of a prune over media: the kept positions, and per visual run ``((token_id, index), kept mask)``."""
+
+
+def media_prefill(layout: PromptLayout, media: dict[int, list[Any]], report: MediaReport) -> LanguagePrefill:
+    """The prefill of a pass over ``media`` (placeholder token id -> items in batch order, each with its
+    ``placeholders`` and ``budget``): budgets in prompt order, and the prune told per item."""
+    order: list[tuple[int, int]] = []
+
+    def budgets(visual: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
+        lengths, keeps, found = prompt_order_budgets(layout.input_ids, visual, media)
+        order[:] = found  # which item each visual run is, for the report that follows
+        return lengths, keeps
+
+    def told(positions: torch.Tensor, kept: list[torch.Tensor]) -> None:
+        report(positions, list(zip(order, kept, strict=True)))
+
+    return LanguagePrefill(layout, budgets, told)
+
+
 def _same_images(first: tuple[torch.Tensor, ...] | None, second: tuple[torch.Tensor, ...] | None) -> bool:
     if first is None or second is None:
         return first is second
@@ -129,14 +162,12 @@ def _same_images(first: tuple[torch.Tensor, ...] | None, second: tuple[torch.Ten
     )
 
 
-def decoder_pruner(
-    language_model: torch.nn.Module, layer: int, budgets: Budgets, score: str, on_prune: OnPrune
-) -> DecoderPruner:
+def decoder_pruner(language_model: torch.nn.Module, layer: int, score: str) -> DecoderPruner:
     """A :class:`DecoderPruner` on a decoder-only language model's layers, with the attention they use."""
     layers = list(language_model.layers)
     attention = layers[0].self_attn
     eager = compat.eager_attention(attention)
-    return DecoderPruner(layers, attention.config, eager, layer, budgets, score, on_prune)
+    return DecoderPruner(layers, attention.config, eager, layer, score)
 
 
 class DecoderPruner:
@@ -148,9 +179,7 @@ class DecoderPruner:
         attention_config: Any,
         eager_attention: Callable[..., Any],
         layer: int,
-        budgets: Budgets,
         score: str,
-        on_prune: OnPrune,
     ) -> None:
         if not 0 <= layer < len(decoder_layers) - 1:
             raise ValueError(
@@ -161,11 +190,11 @@ class DecoderPruner:
         self.config = attention_config
         self.eager_attention = eager_attention
         self.layer = layer
-        self.budgets = budgets
         self.score = score
-        self.on_prune = on_prune
-        self.layout: PromptLayout | None = None
+        self.prefill: LanguagePrefill | None = None
+        """The prefill the coming pass starts (None: nothing to prune in it); used once."""
         self.pruned: PrunedPrompt | None = None
+        """The last pruned prompt: decoding steps continue it through its own cache."""
         self._recorder: AttentionRecorder | None = None
         self._implementation: str | None = None
         self._handles: list[Any] = []
@@ -186,10 +215,10 @@ class DecoderPruner:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.layout = self.pruned = None
+        self.prefill = self.pruned = self._pinned = None
 
-    def start_prefill(self, layout: PromptLayout | None) -> None:
-        """Called before a model pass without a filled cache (``layout=None``: nothing to prune in it).
+    def start_prefill(self, prefill: LanguagePrefill | None) -> None:
+        """Called before a model pass without a filled cache (``prefill=None``: nothing to prune in it).
 
         A pass that continues the last pruned prompt without its cache (``generate(use_cache=False)``,
         or recomputing prompt + generated tokens) keeps that prompt's tokens: the prompt is pruned
@@ -197,6 +226,7 @@ class DecoderPruner:
         """
         previous = self.pruned
         scored = None if previous is None else previous.input_ids
+        layout = None if prefill is None else prefill.layout
         input_ids = None if layout is None else layout.input_ids
         if (
             input_ids is not None
@@ -214,11 +244,11 @@ class DecoderPruner:
                 continuation = torch.zeros_like(added, dtype=torch.bool).expand(len(filler), -1)
                 filler = torch.cat([filler[:, : base.shape[1]], continuation], dim=1)
             pinned = PrunedPrompt(
-                positions, input_ids.shape[1], None, layout.visual, scored, base, filler, layout.images_key
+                positions, input_ids.shape[1], None, layout.visual, scored, base, filler, layout.images_key, prefill
             )
-            self.layout, self._pinned, self.pruned = None, pinned, None
+            self.prefill, self._pinned, self.pruned = None, pinned, None
             return
-        self.layout, self._pinned, self.pruned = layout, None, None
+        self.prefill, self._pinned, self.pruned = prefill, None, None
 
     def _flash(self) -> bool:
         """Whether the decoder attends with FlashAttention (which takes 2-D masks of real tokens)."""
@@ -229,9 +259,9 @@ class DecoderPruner:
 
     def _before_scoring_layer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         hidden_states = compat.layer_hidden_states(args, kwargs)
-        if self.layout is None or hidden_states.shape[1] != self.layout.visual.shape[1]:
+        if self.prefill is None or hidden_states.shape[1] != self.prefill.layout.visual.shape[1]:
             return None
-        if not self.layout.visual.any():
+        if not self.prefill.layout.visual.any():
             return None
         self._implementation = compat.attention_implementation(self.config)
         self._recorder = AttentionRecorder()
@@ -248,7 +278,7 @@ class DecoderPruner:
         if pinned is not None and not isinstance(output, BaseException):
             if compat.layer_output_states(output).shape[1] == pinned.prompt_length:
                 self._pinned, self.pruned = None, pinned
-                self._report(pinned.positions, pinned.visual, pinned.filler)
+                self._report(pinned.prefill, pinned.positions, pinned.visual, pinned.filler)
                 return _keep_positions(output, pinned.positions)
         if self._recorder is None:
             return None
@@ -257,7 +287,8 @@ class DecoderPruner:
         if isinstance(output, BaseException) or recorder.record is None:
             return None
         record = recorder.take()
-        layout = self.layout
+        prefill = self.prefill
+        layout = prefill.layout
         scores = last_token_scores(
             record.query,
             record.key,
@@ -269,7 +300,7 @@ class DecoderPruner:
             self.score,
         )
         try:
-            lengths, keeps = self.budgets(layout.visual)
+            lengths, keeps = prefill.budgets(layout.visual)
         except ValueError as error:
             raise ValueError(
                 f"{error}. Language-model pruning scores each prompt in one pass: a prompt split over several "
@@ -278,22 +309,23 @@ class DecoderPruner:
         positions, filler = kept_positions(scores, layout.visual, lengths, keeps)
         length = compat.layer_output_states(output).shape[1]
         self.pruned = PrunedPrompt(
-            positions, length, None, layout.visual, layout.input_ids, positions, filler, layout.images_key
+            positions, length, None, layout.visual, layout.input_ids, positions, filler, layout.images_key, prefill
         )
-        self.layout = None  # used once: a later pass must not be pruned by this prompt's layout
-        self._report(positions, layout.visual, filler, lengths)
+        self.prefill = None  # used once: a later pass must not be pruned by this prompt's layout
+        self._report(prefill, positions, layout.visual, filler, lengths)
         return _keep_positions(output, positions)
 
+    @staticmethod
     def _report(
-        self,
+        prefill: LanguagePrefill,
         positions: torch.Tensor,
         visual: torch.Tensor,
         filler: torch.Tensor | None,
         lengths: list[list[int]] | None = None,
     ) -> None:
         if lengths is None:
-            lengths, _ = self.budgets(visual)
-        self.on_prune(positions, kept_per_image(positions, visual, filler, lengths))
+            lengths, _ = prefill.budgets(visual)
+        prefill.report(positions, kept_per_image(positions, visual, filler, lengths))
 
     def refuse_static_cache(self, cache: Any, method: str) -> None:
         """Static (compileable) caches keep the full prompt length: pruning after a layer cannot use them."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from transformers import LlavaForConditionalGeneration
 
 from flowcut import compat
 from flowcut.adapters.clip import ClipEncoderAdapter
-from flowcut.adapters.language import DecoderPruner, decoder_pruner, images_key, prompt_layout
+from flowcut.adapters.language import DecoderPruner, LanguagePrefill, decoder_pruner, images_key, prompt_layout
 from flowcut.adapters.processor import adapt_processor, check_placeholder_count
 from flowcut.config import FlowCutConfig, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace
@@ -80,15 +81,10 @@ class LlavaFamily:
         check_select_strategy(model_config.vision_feature_select_strategy)
         self.image_token_id = model_config.image_token_id
         self.patch = InstancePatch()
-        self._feature_layer = self.default_feature_layer
         self.pruner: DecoderPruner | None = None
         if self.method.stage == "language" and self.tokens_per_image < self.encoder.num_patches:
             self.pruner = decoder_pruner(
-                self.base.language_model,
-                self.method.language_layer,
-                lambda visual: uniform_budgets(visual, self.encoder.num_patches, self.tokens_per_image),
-                self.method.language_score,
-                self._language_trace,
+                self.base.language_model, self.method.language_layer, self.method.language_score
             )
 
     @property
@@ -172,7 +168,6 @@ class LlavaFamily:
             images = [self._stock_image_trace(torch.arange(self.encoder.num_patches)) for _ in range(batch_size)]
             if self.pruner is None:
                 self.on_trace(PruningTrace(images, self.encoder.grid_size, self.tokens_per_image, feature_layer))
-            self._feature_layer = feature_layer
             return output
 
         call = EncoderCall(
@@ -198,10 +193,10 @@ class LlavaFamily:
         layers, patches = self.encoder.num_layers, self.encoder.num_patches
         return ImageTrace(kept_indices, [patches] * layers, [], [None] * layers)
 
-    def _language_trace(self, positions: torch.Tensor, kept: list[torch.Tensor]) -> None:
+    def _language_trace(self, feature_layer: int, positions: torch.Tensor, kept: list[torch.Tensor]) -> None:
         """Trace of a language-model prune: each image's kept visual tokens as patch indices."""
         images = [self._stock_image_trace(mask.nonzero().squeeze(1).cpu()) for mask in kept]
-        trace = PruningTrace(images, self.encoder.grid_size, self.tokens_per_image, self._feature_layer, positions)
+        trace = PruningTrace(images, self.encoder.grid_size, self.tokens_per_image, feature_layer, positions)
         self.on_trace(trace)
 
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -214,7 +209,12 @@ class LlavaFamily:
                 if input_ids is None:
                     raise ValueError(f"method {self.config.method!r} needs input_ids to find the image tokens")
                 layout = prompt_layout(input_ids, kwargs.get("attention_mask"), self.image_token_id, images_key(kwargs))
-                self.pruner.start_prefill(layout if layout.visual.any() else None)
+                patches, keep = self.encoder.num_patches, self.tokens_per_image
+                layer = kwargs.get("vision_feature_layer")
+                layer = self.model.config.vision_feature_layer if layer is None else layer
+                report = partial(self._language_trace, feature_layer_index(layer, self.encoder.num_layers))
+                prefill = LanguagePrefill(layout, lambda visual: uniform_budgets(visual, patches, keep), report)
+                self.pruner.start_prefill(prefill if layout.visual.any() else None)
         self._check_placeholders(input_ids, kwargs)
 
     def _check_placeholders(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> None:

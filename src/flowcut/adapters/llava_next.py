@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -46,8 +47,8 @@ from flowcut.adapters.language import (
     DecoderPruner,
     decoder_pruner,
     images_key,
+    media_prefill,
     prompt_layout,
-    prompt_order_budgets,
 )
 from flowcut.adapters.llava import check_select_strategy, feature_layer_index
 from flowcut.adapters.processor import adapt_processor, check_media_placeholders
@@ -148,20 +149,13 @@ class LlavaNextFamily:
         self.video_token_id = getattr(model_config, "video_token_id", None)
         self.pinpoints = model_config.image_grid_pinpoints
         self.crop_pixels = model_config.vision_config.image_size
-        self.prompt: _Prompt | None = None
         self._pending: _Prompt | None = None
         """The pass being encoded: ``generate`` encodes images and videos before the prefill runs."""
-        self._prompt_ids: torch.Tensor | None = None
-        self._media_order: list[tuple[int, int]] = []
         self.patch = InstancePatch()
         self.pruner: DecoderPruner | None = None
         if self.stages.language:
             self.pruner = decoder_pruner(
-                self.base.language_model,
-                self.method.language_layer,
-                self._budgets,
-                self.method.language_score,
-                self._language_trace,
+                self.base.language_model, self.method.language_layer, self.method.language_score
             )
 
     @property
@@ -241,16 +235,6 @@ class LlavaNextFamily:
             frame_keeps = [min(patches, 2 * share) for share in frame_budgets(budget, frames, patches)]
         return VideoLayout(frames, stock, budget, frame_keeps)
 
-    def _budgets(self, visual: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
-        """Per row, the placeholder count and budget of each of its images and videos, in prompt order."""
-        if self.prompt is None or self._prompt_ids is None:
-            raise RuntimeError("the language-model stage ran without its images' layouts")
-        media = {self.image_token_id: self.prompt.layouts}
-        if self.video_token_id is not None:
-            media[self.video_token_id] = self.prompt.videos
-        lengths, keeps, self._media_order = prompt_order_budgets(self._prompt_ids, visual, media)
-        return lengths, keeps
-
     def _pending_prompt(self) -> _Prompt:
         """The prompt the current encoding belongs to (a new one when ``generate`` encodes before its prefill)."""
         if self._pending is None:
@@ -317,7 +301,7 @@ class LlavaNextFamily:
         self.patch.restore()
         if self.pruner is not None:
             self.pruner.remove()
-        self.prompt = self._pending = None
+        self._pending = None
 
     def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         self._pending = None  # the next encoding belongs to a new pass
@@ -465,19 +449,18 @@ class LlavaNextFamily:
                 layouts = [self.layout(size, alone) for size, alone in zip(sizes, single, strict=True)]
             video_layouts = [] if videos is None else [self.video_layout(videos.shape[1])] * videos.shape[0]
             # This pass encodes its media itself, after this hook: the encodings fill this prompt.
-            self.prompt = self._pending = _Prompt(layouts, None, video_layouts, None)
+            prompt = self._pending = _Prompt(layouts, None, video_layouts, None)
         elif encoded.get("image") is not None or encoded.get("video") is not None:
             # Encoded by generate through this instance's get_*_features before its prefill (later
             # uncached passes bring the same encodings): each encoding carries its own layouts.
             image, video = encoded.get("image"), encoded.get("video")
             layouts, crop_traces = encoded_media(image, "image") if image is not None else ([], None)
             videos, frame_traces = encoded_media(video, "video") if video is not None else ([], None)
-            self.prompt = _Prompt(layouts, crop_traces, videos, frame_traces)
-            self.prompt.image_scoring, self.prompt.video_scoring = encoding_scoring(image), encoding_scoring(video)
+            prompt = _Prompt(layouts, crop_traces, videos, frame_traces)
+            prompt.image_scoring, prompt.video_scoring = encoding_scoring(image), encoding_scoring(video)
             self._pending = None
         else:
-            self.prompt = None
-        prompt = self.prompt or _Prompt()
+            prompt = _Prompt()
         if input_ids is not None:
             check_media_placeholders(
                 input_ids,
@@ -487,23 +470,27 @@ class LlavaNextFamily:
             language_prunes = any(lay.budget < lay.placeholders for lay in prompt.layouts + prompt.videos)
             if language_prunes and input_ids is None:
                 raise ValueError(f"method {self.config.method!r} needs input_ids to find the visual tokens")
-            layout = None
+            prefill = None
             if language_prunes:
                 visual = input_ids == self.image_token_id
+                media = {self.image_token_id: prompt.layouts}
                 if self.video_token_id is not None:
                     visual |= input_ids == self.video_token_id
+                    media[self.video_token_id] = prompt.videos
                 layout = prompt_layout(input_ids, kwargs.get("attention_mask"), visual, images_key(kwargs))
-                self._prompt_ids = input_ids
-            self.pruner.start_prefill(layout)
+                # The prompt's encodings may still be filled in by this pass: the report reads them then.
+                prefill = media_prefill(layout, media, partial(self._language_trace, prompt))
+            self.pruner.start_prefill(prefill)
 
-    def _language_trace(self, positions: torch.Tensor, kept: list[torch.Tensor]) -> None:
+    def _language_trace(
+        self, prompt: _Prompt, positions: torch.Tensor, kept: list[tuple[tuple[int, int], torch.Tensor]]
+    ) -> None:
         """Per image and video: its stock visual tokens, those entering the language model, those kept after layer 1."""
-        prompt = self.prompt
         counts: dict[int, list[tuple[int, int, int]]] = {
             self.image_token_id: [(lay.stock_tokens, lay.placeholders, lay.placeholders) for lay in prompt.layouts],
             self.video_token_id: [(lay.stock_tokens, lay.placeholders, lay.placeholders) for lay in prompt.videos],
         }
-        for (token_id, index), mask in zip(self._media_order, kept, strict=True):
+        for (token_id, index), mask in kept:
             stock, entering, _ = counts[token_id][index]
             counts[token_id][index] = (stock, entering, int(mask.sum()))
         self._trace(prompt, counts[self.image_token_id], counts[self.video_token_id], positions)

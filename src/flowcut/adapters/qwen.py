@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -36,8 +37,8 @@ from flowcut.adapters.language import (
     DecoderPruner,
     decoder_pruner,
     images_key,
+    media_prefill,
     prompt_layout,
-    prompt_order_budgets,
 )
 from flowcut.adapters.processor import adapt_processor, check_media_placeholders
 from flowcut.adapters.qwen_vision import QwenVisionAdapter
@@ -117,9 +118,6 @@ class QwenFamily:
         self.encoder = QwenVisionAdapter(self.base.visual)
         self.image_token_id = model.config.image_token_id
         self.video_token_id = model.config.video_token_id
-        self.prompt: _Prompt | None = None
-        self._prompt_ids: torch.Tensor | None = None
-        self._media_order: list[tuple[int, int]] = []
         self.patch = InstancePatch()
         self._stock_features: dict[str, Callable[..., Any]] = {}
         """The instance's own ``get_*_features`` before FlowCut (the stock path of items under their budget)."""
@@ -127,11 +125,7 @@ class QwenFamily:
         self.pruner: DecoderPruner | None = None
         if self.stages.language:
             self.pruner = decoder_pruner(
-                self.base.language_model,
-                self.method.language_layer,
-                self._budgets,
-                self.method.language_score,
-                self._language_trace,
+                self.base.language_model, self.method.language_layer, self.method.language_score
             )
 
     @property
@@ -217,7 +211,6 @@ class QwenFamily:
         self.patch.restore()
         if self.pruner is not None:
             self.pruner.remove()
-        self.prompt = None
 
     def encode(
         self, kind: str, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None, **kwargs: Any
@@ -399,11 +392,10 @@ class QwenFamily:
             self._check_placeholders(input_ids, planned["image"], planned["video"])
         (images, image_grid_thw), (videos, video_grid_thw) = (self._pass_media(k, kwargs) for k in ("image", "video"))
         encodings = (kwargs.get("mm_encoder_outputs") or {}).values()
-        self.prompt = None
+        prompt = None
         if images or videos:
             timed = total_scoring_seconds(*(encoding_scoring(encoding) for encoding in encodings))
-            self.prompt = _Prompt(images, videos, image_grid_thw, video_grid_thw, timed)
-        prompt = self.prompt
+            prompt = _Prompt(images, videos, image_grid_thw, video_grid_thw, timed)
         if prompt is not None and input_ids is not None:
             self._check_placeholders(input_ids, prompt.images, prompt.videos)
             if any(item.kept_units is not None for item in prompt.media):
@@ -419,8 +411,11 @@ class QwenFamily:
             if token_types is not None:
                 visual = (token_types == IMAGE) | (token_types == VIDEO)
             layout = prompt_layout(input_ids, kwargs.get("attention_mask"), visual, images_key(kwargs))
-            self._prompt_ids = input_ids
-            self.pruner.start_prefill(layout if layout.visual.any() and language_prunes else None)
+            prefill = None
+            if layout.visual.any() and language_prunes:
+                media = {self.image_token_id: prompt.images, self.video_token_id: prompt.videos}
+                prefill = media_prefill(layout, media, partial(self._language_trace, prompt))
+            self.pruner.start_prefill(prefill)
         if prompt is not None and not (self.pruner is not None and language_prunes):
             self._stock_trace(prompt)
         return args, kwargs
@@ -457,14 +452,6 @@ class QwenFamily:
         check_media_placeholders(
             input_ids, [(self.image_token_id, images, "image"), (self.video_token_id, videos, "video")]
         )
-
-    def _budgets(self, visual: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
-        """Per row, the placeholder count and budget of each of its images and videos, in prompt order."""
-        if self.prompt is None or self._prompt_ids is None:
-            raise RuntimeError("the language-model stage ran without the media's grids (pass image/video_grid_thw)")
-        media = {self.image_token_id: self.prompt.images, self.video_token_id: self.prompt.videos}
-        lengths, keeps, self._media_order = prompt_order_budgets(self._prompt_ids, visual, media)
-        return lengths, keeps
 
     # -- traces -------------------------------------------------------------------------------
 
@@ -518,14 +505,15 @@ class QwenFamily:
         }
         self._publish(prompt, kept, None)
 
-    def _language_trace(self, positions: torch.Tensor, kept: list[torch.Tensor]) -> None:
+    def _language_trace(
+        self, prompt: _Prompt, positions: torch.Tensor, kept: list[tuple[tuple[int, int], torch.Tensor]]
+    ) -> None:
         """Trace of a language-model prune: each item's surviving tokens as merged-grid cells."""
-        prompt = self.prompt
         kept_cells: dict[int, list[torch.Tensor | None]] = {
             IMAGE: [None] * len(prompt.images),
             VIDEO: [None] * len(prompt.videos),
         }
-        for (token_id, index), mask in zip(self._media_order, kept, strict=True):
+        for (token_id, index), mask in kept:
             kind = IMAGE if token_id == self.image_token_id else VIDEO
             item = (prompt.images if kind == IMAGE else prompt.videos)[index]
             cells = torch.arange(item.placeholders) if item.kept_units is None else item.kept_units
