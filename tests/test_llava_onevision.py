@@ -110,3 +110,16 @@ def test_remove_restores_the_stock_model(onevision):
         with flowcut.apply(model, processor=copy.deepcopy(processor), keep=KEEP):
             pass
         assert torch.equal(model(**inputs).logits, before)
+
+
+def test_a_pass_with_other_vision_settings_is_refused(onevision):
+    model, processor = onevision
+    processor = copy.deepcopy(processor)
+    with flowcut.apply(model, processor=processor, keep=KEEP), torch.no_grad():
+        inputs = processor(images=[WIDE], text=[ONE], return_tensors="pt")
+        with pytest.raises(ValueError, match="FlowCut's anyres path uses the model's vision_aspect_ratio"):
+            model(**inputs, vision_aspect_ratio="anyres_max_2")
+        with pytest.raises(ValueError, match="FlowCut's anyres path uses the model's vision_feature_layer"):
+            model(**inputs, vision_feature_layer=-3)
+        same = model(**inputs, vision_aspect_ratio=model.config.vision_aspect_ratio).logits
+        assert torch.equal(same, model(**inputs).logits)

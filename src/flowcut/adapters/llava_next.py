@@ -149,8 +149,6 @@ class LlavaNextFamily:
         self.video_token_id = getattr(model_config, "video_token_id", None)
         self.pinpoints = model_config.image_grid_pinpoints
         self.crop_pixels = model_config.vision_config.image_size
-        self._pending: _Prompt | None = None
-        """The pass being encoded: ``generate`` encodes images and videos before the prefill runs."""
         self.patch = InstancePatch()
         self.pruner: DecoderPruner | None = None
         if self.stages.language:
@@ -235,12 +233,6 @@ class LlavaNextFamily:
             frame_keeps = [min(patches, 2 * share) for share in frame_budgets(budget, frames, patches)]
         return VideoLayout(frames, stock, budget, frame_keeps)
 
-    def _pending_prompt(self) -> _Prompt:
-        """The prompt the current encoding belongs to (a new one when ``generate`` encodes before its prefill)."""
-        if self._pending is None:
-            self._pending = _Prompt()
-        return self._pending
-
     # -- model side -------------------------------------------------------------------------
 
     def install(self) -> None:
@@ -292,7 +284,6 @@ class LlavaNextFamily:
         if self.video_token_id is not None:
             self.patch.override(self.base, "get_video_features", wrap_videos)
         self.patch.hook(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-        self.patch.hook(self.model.register_forward_hook(self._after_forward, always_call=True))
         if self.pruner is not None:
             self.pruner.install()
 
@@ -301,10 +292,6 @@ class LlavaNextFamily:
         self.patch.restore()
         if self.pruner is not None:
             self.pruner.remove()
-        self._pending = None
-
-    def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        self._pending = None  # the next encoding belongs to a new pass
 
     def image_features(
         self, stock: Callable[..., Any], pixel_values: torch.Tensor, image_sizes: torch.Tensor, **kwargs: Any
@@ -313,8 +300,6 @@ class LlavaNextFamily:
         self._check_settings(kwargs)
         single = self._single_crop(kwargs.get("batch_num_images"), len(image_sizes))
         layouts = [self.layout(size, alone) for size, alone in zip(image_sizes, single, strict=True)]
-        target = self._pending_prompt()
-        target.layouts, target.crop_traces, target.image_scoring = layouts, None, None
         stock_kwargs = {key: value for key, value in kwargs.items() if value is not None}
         pruned = [i for i, lay in enumerate(layouts) if lay.crop_keeps is not None]
         features: list[torch.Tensor | None] = [None] * len(layouts)
@@ -322,7 +307,6 @@ class LlavaNextFamily:
             # Images the encoder stage leaves whole take the stock path (newlines included), bit for bit.
             output = stock(pixel_values, image_sizes, **stock_kwargs)
             if not pruned:
-                self._trace_without_language_stage(target)
                 return media_encoding(output, (layouts, None))
             features = list(output.pooler_output)
         crops_per_image = [
@@ -336,8 +320,6 @@ class LlavaNextFamily:
         features_pruned, stage = self._prune_images([crops[i] for i in pruned], [layouts[i] for i in pruned])
         for i, feature in zip(pruned, features_pruned, strict=True):
             features[i] = feature
-        target.crop_traces, target.image_scoring = stage.images, stage.scoring_seconds
-        self._trace_without_language_stage(target)
         output = compat.encoder_output(pooler_output=features)
         if not kwargs.get("return_dict", True):
             return output.to_tuple()
@@ -356,12 +338,9 @@ class LlavaNextFamily:
         self._check_settings(kwargs)
         videos, frames = pixel_values_videos.shape[:2]
         layout = self.video_layout(frames)
-        target = self._pending_prompt()
-        target.videos, target.frame_traces, target.video_scoring = [layout] * videos, None, None
         if layout.frame_keeps is None:
             output = stock(pixel_values_videos, **{key: value for key, value in kwargs.items() if value is not None})
-            self._trace_without_language_stage(target)
-            return media_encoding(output, (target.videos, None))
+            return media_encoding(output, ([layout] * videos, None))
         keeps = layout.frame_keeps * videos
         frames_pixels = pixel_values_videos.flatten(0, 1)
         projector = self.base.multi_modal_projector
@@ -371,13 +350,11 @@ class LlavaNextFamily:
         projected = self.base.multi_modal_projector(stage.hidden_states[:, self.encoder.query_slots :])
         tokens = [projected[row, :count] for row, count in enumerate(stage.counts)]
         features = torch.stack([torch.cat(tokens[video * frames : (video + 1) * frames]) for video in range(videos)])
-        target.frame_traces = [stage.images[video * frames : (video + 1) * frames] for video in range(videos)]
-        target.video_scoring = stage.scoring_seconds
-        self._trace_without_language_stage(target)
+        frame_traces = [stage.images[video * frames : (video + 1) * frames] for video in range(videos)]
         output = compat.encoder_output(pooler_output=features)
         if not kwargs.get("return_dict", True):
             return output.to_tuple()
-        return media_encoding(output, (target.videos, target.frame_traces), stage.scoring_seconds)
+        return media_encoding(output, ([layout] * videos, frame_traces), stage.scoring_seconds)
 
     @staticmethod
     def _single_crop(batch_num_images: Any, count: int) -> list[bool]:
@@ -429,58 +406,73 @@ class LlavaNextFamily:
             features.append(tokens[order.argsort().to(tokens.device)])
         return features, stage
 
-    def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Check the placeholders; tell the language-model pruner about a fresh prompt."""
+    def _before_forward(
+        self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]] | None:
+        """Check the placeholders, encode the pass's media, hand the pruner this pass's prefill.
+
+        ``generate`` encodes images and videos through this instance's ``get_*_features`` before its
+        prefill and passes ``mm_encoder_outputs``; a plain forward pass brings pixels, which are encoded
+        here the same way, so every pass reads its media from its encodings (each carries its plans).
+        """
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = compat.cache_argument(kwargs)
         if self.pruner is not None:
             self.pruner.refuse_static_cache(cache, self.config.method)
         if compat.cache_length(cache) > 0:
-            return
+            return None
+        kwargs = dict(kwargs)
         pixels, videos = kwargs.get("pixel_values"), kwargs.get("pixel_values_videos")
-        encoded = kwargs.get("mm_encoder_outputs") or {}
-        if pixels is not None or videos is not None:
-            layouts = []
-            if pixels is not None:
-                sizes = kwargs.get("image_sizes")
-                if sizes is None:
-                    raise ValueError("LLaVA-NeXT needs image_sizes (the processor returns them)")
+        # The model's own vision settings of this pass (FlowCut refuses values other than the config's).
+        names = ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio")
+        settings = {name: kwargs[name] for name in names if kwargs.get(name) is not None}
+        encoded = dict(kwargs.get("mm_encoder_outputs") or {})
+        if pixels is not None:
+            sizes = kwargs.get("image_sizes")
+            if sizes is None:
+                raise ValueError("LLaVA-NeXT needs image_sizes (the processor returns them)")
+            if input_ids is not None:  # explain a prompt made for the unpruned model before encoding
                 single = self._single_crop(kwargs.get("batch_num_images"), len(sizes))
-                layouts = [self.layout(size, alone) for size, alone in zip(sizes, single, strict=True)]
-            video_layouts = [] if videos is None else [self.video_layout(videos.shape[1])] * videos.shape[0]
-            # This pass encodes its media itself, after this hook: the encodings fill this prompt.
-            prompt = self._pending = _Prompt(layouts, None, video_layouts, None)
-        elif encoded.get("image") is not None or encoded.get("video") is not None:
-            # Encoded by generate through this instance's get_*_features before its prefill (later
-            # uncached passes bring the same encodings): each encoding carries its own layouts.
-            image, video = encoded.get("image"), encoded.get("video")
-            layouts, crop_traces = encoded_media(image, "image") if image is not None else ([], None)
-            videos, frame_traces = encoded_media(video, "video") if video is not None else ([], None)
-            prompt = _Prompt(layouts, crop_traces, videos, frame_traces)
-            prompt.image_scoring, prompt.video_scoring = encoding_scoring(image), encoding_scoring(video)
-            self._pending = None
-        else:
-            prompt = _Prompt()
+                planned = [self.layout(size, alone) for size, alone in zip(sizes, single, strict=True)]
+                check_media_placeholders(input_ids, [(self.image_token_id, planned, "image")])
+            encoded["image"] = self.base.get_image_features(
+                pixels, sizes, batch_num_images=kwargs.get("batch_num_images"), **settings
+            )
+            kwargs["pixel_values"] = None
+        if videos is not None:
+            video_settings = {name: value for name, value in settings.items() if name != "vision_aspect_ratio"}
+            encoded["video"] = self.base.get_video_features(videos, **video_settings)
+            kwargs["pixel_values_videos"] = None
+        image, video = encoded.get("image"), encoded.get("video")
+        if image is not None or video is not None:
+            kwargs["mm_encoder_outputs"] = encoded
+        layouts, crop_traces = encoded_media(image, "image") if image is not None else ([], None)
+        video_layouts, frame_traces = encoded_media(video, "video") if video is not None else ([], None)
+        prompt = _Prompt(layouts, crop_traces, video_layouts, frame_traces)
+        prompt.image_scoring, prompt.video_scoring = encoding_scoring(image), encoding_scoring(video)
+        media = prompt.layouts + prompt.videos
         if input_ids is not None:
             check_media_placeholders(
                 input_ids,
                 [(self.image_token_id, prompt.layouts, "image"), (self.video_token_id, prompt.videos, "video")],
             )
+        language_prunes = self.pruner is not None and any(lay.budget < lay.placeholders for lay in media)
         if self.pruner is not None:
-            language_prunes = any(lay.budget < lay.placeholders for lay in prompt.layouts + prompt.videos)
             if language_prunes and input_ids is None:
                 raise ValueError(f"method {self.config.method!r} needs input_ids to find the visual tokens")
             prefill = None
             if language_prunes:
                 visual = input_ids == self.image_token_id
-                media = {self.image_token_id: prompt.layouts}
+                by_token = {self.image_token_id: prompt.layouts}
                 if self.video_token_id is not None:
                     visual |= input_ids == self.video_token_id
-                    media[self.video_token_id] = prompt.videos
+                    by_token[self.video_token_id] = prompt.videos
                 layout = prompt_layout(input_ids, kwargs.get("attention_mask"), visual, images_key(kwargs))
-                # The prompt's encodings may still be filled in by this pass: the report reads them then.
-                prefill = media_prefill(layout, media, partial(self._language_trace, prompt))
+                prefill = media_prefill(layout, by_token, partial(self._language_trace, prompt))
             self.pruner.start_prefill(prefill)
+        if media and not language_prunes:
+            self._trace_without_language_stage(prompt)
+        return args, kwargs
 
     def _language_trace(
         self, prompt: _Prompt, positions: torch.Tensor, kept: list[tuple[tuple[int, int], torch.Tensor]]
@@ -496,11 +488,10 @@ class LlavaNextFamily:
         self._trace(prompt, counts[self.image_token_id], counts[self.video_token_id], positions)
 
     def _trace_without_language_stage(self, prompt: _Prompt) -> None:
-        """The trace of media that no decoder layer prunes (recorded once they are encoded)."""
-        if self.pruner is None or all(lay.budget >= lay.placeholders for lay in prompt.layouts + prompt.videos):
-            images = [(lay.stock_tokens, lay.placeholders, lay.placeholders) for lay in prompt.layouts]
-            videos = [(lay.stock_tokens, lay.placeholders, lay.placeholders) for lay in prompt.videos]
-            self._trace(prompt, images, videos)
+        """The trace of media that no decoder layer prunes."""
+        images = [(lay.stock_tokens, lay.placeholders, lay.placeholders) for lay in prompt.layouts]
+        videos = [(lay.stock_tokens, lay.placeholders, lay.placeholders) for lay in prompt.videos]
+        self._trace(prompt, images, videos)
 
     def _trace(
         self,
