@@ -220,17 +220,17 @@ class LlavaNextFamily:
         frame's share of ``T`` (:func:`flowcut.config.frame_budgets`), as it keeps ``2T`` of an image,
         and hands the kept patches over unpooled (pooling needs the whole grid); the language-model
         stage then keeps the video's best ``T``. Where ``2T`` is not below the stock count the video
-        takes the stock (pooled) path and only the language-model stage prunes.
+        takes the stock (pooled) path and only the language-model stage prunes. The other encoder
+        methods keep each frame's share itself, and the video takes the stock path only at ``T`` ≥ stock.
         """
         side = self.encoder.grid_size[0]
         stock = frames * self.pooled_side(side) ** 2 + self.video_newlines
         budget = tokens_to_keep(self.config.keep, stock) if self.method.prunes else stock
         frame_keeps = None
         patches = side * side
-        if self.stages.encoder_keeps_budget and budget < stock:
-            frame_keeps = frame_budgets(budget, frames, patches)
-        elif self.stages.encoder and 2 * budget < stock:
-            frame_keeps = [min(patches, 2 * share) for share in frame_budgets(budget, frames, patches)]
+        factor = 2 if self.stages.language else 1  # FlowCut keeps 2T for the language-model stage to finish
+        if self.stages.encoder and factor * budget < stock:
+            frame_keeps = [min(patches, factor * share) for share in frame_budgets(budget, frames, patches)]
         return VideoLayout(frames, stock, budget, frame_keeps)
 
     # -- model side -------------------------------------------------------------------------

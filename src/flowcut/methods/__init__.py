@@ -209,11 +209,12 @@ def stages(method: Method) -> Stages:
 
 def two_stage_methods() -> tuple[str, ...]:
     """Methods a two-stage family offers: the unpruned reference, language-model methods, unit selectors."""
-    return tuple(
-        name
-        for name in method_names()
-        if not _REGISTRY[name].prunes or _REGISTRY[name].stage == "language" or _REGISTRY[name].selects_units
-    )
+    offered = []
+    for name in method_names():
+        split = stages(_REGISTRY[name])
+        if not _REGISTRY[name].prunes or split.encoder or split.language:
+            offered.append(name)
+    return tuple(offered)
 
 
 def available_method(name: str, available: tuple[str, ...], model_name: str, reason: str = "") -> Method:
@@ -240,14 +241,25 @@ TWO_STAGE_REASON = (
 # -- helpers shared by methods that read the unpruned feature layer --------------------------------
 
 
+def _run_layers(
+    encoder: VisionEncoderAdapter,
+    hidden_states: torch.Tensor,
+    feature_layer: int,
+    alive: torch.Tensor | None,
+    record_last: bool,
+) -> tuple[torch.Tensor, AttentionRecord | None]:
+    """Layers 0 to ``feature_layer``, unpruned; the last layer's attention inputs if asked."""
+    recorder = AttentionRecorder() if record_last else None
+    for index in range(feature_layer + 1):
+        last = index == feature_layer
+        hidden_states = encoder.run_layer(index, hidden_states, alive, recorder if last else None)
+    return hidden_states, recorder.take() if recorder is not None else None
+
+
 def run_to_feature_layer(call: EncoderCall, record_last: bool = False) -> tuple[torch.Tensor, AttentionRecord | None]:
     """The unpruned feature-layer output ``(B, 1 + N, D)``, and that layer's attention inputs if asked."""
     hidden_states = call.encoder.embed(call.pixel_values)
-    recorder = AttentionRecorder() if record_last else None
-    for index in range(call.feature_layer + 1):
-        last = index == call.feature_layer
-        hidden_states = call.encoder.run_layer(index, hidden_states, None, recorder if last else None)
-    return hidden_states, recorder.take() if recorder is not None else None
+    return _run_layers(call.encoder, hidden_states, call.feature_layer, None, record_last)
 
 
 def run_units_to_feature_layer(
@@ -260,11 +272,8 @@ def run_units_to_feature_layer(
     width = hidden_states.shape[1] - lead
     counts = [call.unit_count(row) for row in range(call.rows)]
     alive = None if min(counts) == width else slot_mask(counts, width, lead, hidden_states.device)
-    recorder = AttentionRecorder() if record_last else None
-    for index in range(call.feature_layer + 1):
-        last = index == call.feature_layer
-        hidden_states = call.encoder.run_layer(index, hidden_states, alive, recorder if last else None)
-    return hidden_states, alive, recorder.take() if recorder is not None else None
+    hidden_states, record = _run_layers(call.encoder, hidden_states, call.feature_layer, alive, record_last)
+    return hidden_states, alive, record
 
 
 def kept_units_output(
@@ -283,23 +292,22 @@ def kept_units_output(
     output = hidden_states.new_zeros(hidden_states.shape[0], lead + width, hidden_states.shape[-1])
     output[:, :lead] = hidden_states[:, :lead]
     traces = []
-    layers = call.feature_layer + 1
     for row, indices in enumerate(kept):
         states = hidden_states[row, lead + indices.to(hidden_states.device)] if tokens is None else tokens[row]
         output[row, lead : lead + len(indices)] = states
-        kept_cpu = indices.cpu()
-        units = call.unit_count(row)
-        traces.append(
-            ImageTrace(kept_cpu, [units] * layers, [call.feature_layer], [None] * layers, kept_after_prune=[kept_cpu])
-        )
+        traces.append(_feature_layer_trace(indices, call.unit_count(row), call.feature_layer))
     return EncoderStageOutput(output, traces, counts=[len(indices) for indices in kept])
+
+
+def _feature_layer_trace(kept_indices: torch.Tensor, units: int, feature_layer: int) -> ImageTrace:
+    """The trace of a row whose encoder ran unpruned over ``units`` and chose at the feature layer."""
+    layers, kept = feature_layer + 1, kept_indices.cpu()
+    return ImageTrace(kept, [units] * layers, [feature_layer], [None] * layers, kept_after_prune=[kept])
 
 
 def unpruned_trace(kept_indices: torch.Tensor, call: EncoderCall) -> ImageTrace:
     """The trace of an image whose encoder ran unpruned and whose tokens were chosen at the feature layer."""
-    layers, num_patches = call.feature_layer + 1, call.num_patches
-    kept = kept_indices.cpu()
-    return ImageTrace(kept, [num_patches] * layers, [call.feature_layer], [None] * layers, kept_after_prune=[kept])
+    return _feature_layer_trace(kept_indices, call.num_patches, call.feature_layer)
 
 
 def _discover() -> None:
