@@ -146,6 +146,21 @@ def test_batch_invariance_and_cached_equals_uncached(family, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_left_and_right_padding_give_the_same_next_token(family, method):
+    processor = copy.deepcopy(family.processor)
+    first, second = family.images
+    tokens = []
+    with flowcut.apply(family.model, processor=processor, keep=family.keep, method=method), torch.no_grad():
+        for side in ("left", "right"):
+            processor.tokenizer.padding_side = side
+            inputs = family.inputs(processor, [first, None, second])
+            logits = family.model(**inputs).logits
+            last = inputs["attention_mask"].sum(1) - 1 if side == "right" else torch.full((3,), -1)
+            tokens.append(logits[torch.arange(3), last].argmax(-1))
+    assert torch.equal(tokens[0], tokens[1])
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_keep_at_or_above_the_stock_tokens_is_the_stock_model(family, method):
     inputs = family.inputs(family.processor, list(family.images))
     with torch.no_grad():
