@@ -10,7 +10,7 @@ import flowcut
 from flowcut import compat
 from flowcut.methods import get_method, method_names
 from flowcut.methods.divprune import max_min_diverse
-from flowcut.methods.pool import cell_centres, pool_grid, pool_patches
+from flowcut.methods.pool import cell_centres, layout_centres, pool_by_layout, pool_grid, pool_layout, pool_patches
 from flowcut.methods.visionzip import visionzip_split, visionzip_tokens
 
 KEEP = 16
@@ -54,6 +54,22 @@ def test_pool_grid_is_exact_and_as_square_as_the_budget_allows():
     assert pool_grid(6, (2, 4)) == (2, 3)
     with pytest.raises(ValueError, match="keep=7 cells do not fit a 2×3 patch grid"):
         pool_grid(7, (2, 3))
+
+
+def test_pool_layout_tiles_budgets_without_a_square_grid_in_rows():
+    assert pool_layout(64, (24, 24)) == (8,) * 8 and pool_layout(192, (24, 24)) == (16,) * 12
+    assert pool_layout(23, (24, 24)) == (5, 5, 5, 4, 4)  # not a 1×23 strip
+    assert pool_layout(8, (6, 8)) == (4, 4)
+    assert pool_layout(5, (1, 8)) == (5,)
+    with pytest.raises(ValueError, match="keep=0 cells do not fit a 2×3 patch grid"):
+        pool_layout(0, (2, 3))
+
+
+def test_pool_rows_of_uneven_cells():
+    patches = torch.arange(16.0).view(1, 16, 1)  # a 4×4 grid holding its own indices
+    pooled = pool_by_layout(patches, (4, 4), (2, 1))  # rows 0–1 in two cells, rows 2–3 in one
+    assert pooled.flatten().tolist() == [2.5, 4.5, 11.5]
+    assert layout_centres((4, 4), (2, 1)).tolist() == [0, 2, 9]
 
 
 def test_pool_averages_uniform_cells():

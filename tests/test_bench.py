@@ -214,3 +214,25 @@ def test_video_that_takes_the_stock_path_counts_every_frame_whole():
     assert fastv.flops.vision == unpruned.flops.vision == 4 * vision_flops(vision, [144] * vision.layers)
     assert pruned.flops.vision < unpruned.flops.vision and fastv.flops.language < unpruned.flops.language
     assert unpruned.peak_prefill_bytes is None
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "llava-next"])
+@pytest.mark.parametrize("method", ["visionzip", "pool"])
+def test_encoder_baselines_on_two_stage_families_project_only_their_kept_units(family, method):
+    """The encoder ran unpruned up to its feature layer (LLaVA-NeXT: no later layer, no crop without a share),
+    but only the kept units reach the projector."""
+    from flowcut.bench.flops import projector_flops
+    from flowcut.testing import build_tiny_llava_next, build_tiny_qwen
+
+    if family == "qwen2-vl":
+        model, processor = build_tiny_qwen("2", max_pixels=64 * 64)
+        image = make_image(0).resize((64, 64))
+    else:
+        model, processor = build_tiny_llava_next(text_layers=3)
+        image = make_image(0).resize((168, 168))
+    settings = [BenchSetting(None), BenchSetting(method, 8)]
+    unpruned, pruned = benchmark(model, processor, image, "what ?", settings, rounds=1, warmup=0, generate=False)
+    _, projector, _ = model_shapes(model, patches=64)
+    assert pruned.visual_tokens == 8
+    assert 0 < pruned.flops.vision <= unpruned.flops.vision
+    assert pruned.flops.projector == projector_flops(projector, 8)

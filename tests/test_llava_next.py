@@ -150,8 +150,6 @@ def test_fastv_keeps_the_stock_tokens_until_layer_1(next_model):
 
 def test_clear_errors(next_model):
     model, processor = next_model
-    with pytest.raises(ValueError, match="method 'pool' is not available for LlavaNextForConditionalGeneration"):
-        flowcut.apply(model, keep=KEEP, method="pool")
     stock_inputs = batch(processor, [WIDE])
     with flowcut.apply(model, keep=KEEP), pytest.raises(ValueError, match="build inputs with the processor passed"):
         model(**stock_inputs)

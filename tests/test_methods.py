@@ -122,13 +122,28 @@ def test_schedule_errors(options, message):
 
 
 def test_two_stage_families_offer_the_methods_whose_needs_they_meet():
-    from flowcut.methods import TWO_STAGE_REASON, available_method, get_method, method_names, two_stage_methods
+    from flowcut.methods import (
+        TWO_STAGE_REASON,
+        Method,
+        Stages,
+        available_method,
+        get_method,
+        method_names,
+        stages,
+        two_stage_methods,
+    )
 
-    selectors = ["flowcut", "divprune", "random", "visionzip"]
+    selectors = ["flowcut", "divprune", "pool", "random", "visionzip"]
     assert [name for name in method_names() if get_method(name).selects_units] == selectors
-    # unit selectors, language-model methods, unpruned: every method but pool
-    assert two_stage_methods() == ("flowcut", "divprune", "fastv", "none", "random", "visionzip")
+    # unit selectors, language-model methods, unpruned: every registered method today
+    assert two_stage_methods() == method_names()
+
+    class WholeGridOnly(Method):  # an encoder method without a unit stage (not registered)
+        name = "whole-grid-only"
+
+    assert not WholeGridOnly().selects_units
+    assert stages(WholeGridOnly()) == Stages(encoder=False, language=False)
+    with pytest.raises(NotImplementedError, match="method 'whole-grid-only' has no encoder stage for two-stage"):
+        WholeGridOnly().select_units(None)
     with pytest.raises(ValueError, match=r"not available for Model \(.*needs one whole patch grid per image\)"):
-        available_method("pool", two_stage_methods(), "Model", TWO_STAGE_REASON)
-    with pytest.raises(NotImplementedError, match="method 'pool' has no encoder stage for two-stage families"):
-        get_method("pool").select_units(None)
+        available_method("pool", ("none",), "Model", TWO_STAGE_REASON)

@@ -216,8 +216,6 @@ def test_fastv_prunes_only_inside_the_language_model(qwen):
 
 def test_clear_errors(qwen):
     model, processor = qwen
-    with pytest.raises(ValueError, match="method 'pool' is not available for Qwen"):
-        flowcut.apply(model, keep=8, method="pool")
     stock_inputs = inputs_for(processor, [[WIDE]])
     with flowcut.apply(model, keep=8), pytest.raises(ValueError, match="build inputs with the processor passed to"):
         model(**stock_inputs)

@@ -1,4 +1,4 @@
-"""The encoder-stage baselines (VisionZip, DivPrune, random) on the two-stage families: LLaVA-NeXT,
+"""The encoder-stage baselines (VisionZip, DivPrune, random, pool) on the two-stage families: LLaVA-NeXT,
 LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL, images and videos.
 
 They keep ``T`` in the encoder (each crop, frame or temporal slice its share) and leave the language
@@ -21,6 +21,7 @@ from flowcut.adapters.clip import ClipEncoderAdapter
 from flowcut.config import frame_budgets, unit_shares
 from flowcut.methods import UnitCall, get_method, stages
 from flowcut.methods.divprune import max_min_diverse
+from flowcut.methods.pool import cell_centres, pool_patches
 from flowcut.methods.random_sample import random_patches
 from flowcut.testing import (
     build_tiny_llava_next,
@@ -29,7 +30,7 @@ from flowcut.testing import (
     build_tiny_qwen,
 )
 
-METHODS = ("visionzip", "divprune", "random")
+METHODS = ("visionzip", "divprune", "random", "pool")
 LLAVA_PROMPT = "USER: <image>\nwhat is the colour ? ASSISTANT:"
 LLAVA_TEXT_ONLY = "USER: what is the colour ? ASSISTANT:"
 
@@ -172,11 +173,6 @@ def test_keep_at_or_above_the_stock_tokens_is_the_stock_model(family, method):
         assert torch.equal(family.model(**pruned).logits, logits)
 
 
-def test_pool_is_refused_with_the_reason(family):
-    with pytest.raises(ValueError, match=r"method 'pool' is not available for .*needs one whole patch grid"):
-        flowcut.apply(family.model, keep=family.keep, method="pool")
-
-
 # -- the defining steps against the stock tower ----------------------------------------------------
 
 
@@ -239,6 +235,20 @@ def test_visionzip_units_are_dominant_states_and_contextual_merges_at_their_targ
         same = torch.isclose(tokens, stock[row, 1 + kept], atol=1e-5, rtol=1e-5).all(dim=-1)
         assert int(same.sum()) == 13  # the dominant units, as the tower computed them; 3 merged tokens
     assert bool(eligible[stage.images[1].kept_indices].all())
+
+
+def test_pool_cells_average_each_rows_eligible_rectangle(next_crops):
+    family, pixels, stock, _ = next_crops
+    rectangle = torch.zeros(144, dtype=torch.bool)
+    rectangle[24:96] = True  # patch rows 2–7 of the 12×12 crop, as unpadding leaves them
+    stage = select(family, "pool", pixels, [16, 12], [None, rectangle])
+    assert torch.equal(stage.images[0].kept_indices, cell_centres((12, 12), (4, 4)))
+    expected = pool_patches(stock[:1, 1:], (12, 12), (4, 4))[0]
+    torch.testing.assert_close(stage.hidden_states[0, 1:17], expected, atol=1e-5, rtol=1e-5)
+    # 12 cells on the 6×12 rectangle: 2×6, each cell standing at its centre patch of the crop
+    assert torch.equal(stage.images[1].kept_indices, 24 + cell_centres((6, 12), (2, 6)))
+    expected = pool_patches(stock[1:, 25:97], (6, 12), (2, 6))[0]
+    torch.testing.assert_close(stage.hidden_states[1, 1:13], expected, atol=1e-5, rtol=1e-5)
 
 
 # -- videos ----------------------------------------------------------------------------------------

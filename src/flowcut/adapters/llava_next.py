@@ -21,7 +21,7 @@ Where stage 1 would keep every patch of a crop (``T // 2`` at least the patches 
 image takes the stock path (with its newlines) and only stage 2 prunes. ``keep`` at or above an
 image's stock token count leaves it untouched.
 
-The other encoder methods (VisionZip, DivPrune, random) keep ``T`` in stage 1 and skip stage 2
+The other encoder methods (VisionZip, DivPrune, pool, random) keep ``T`` in stage 1 and skip stage 2
 (:func:`flowcut.methods.stages`): each crop keeps its share of ``T`` by its eligible patches
 (:func:`flowcut.config.unit_shares`), each video frame its share of the video's ``T``.
 """

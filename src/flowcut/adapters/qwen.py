@@ -10,7 +10,7 @@ Two stages, as SPEC §4 defines them for Qwen2-VL. With a budget of ``T`` tokens
 2. Language-model stage: after decoder layer 1 each image keeps its best ``T`` tokens (SPEC §3,
    FlowCut score; FastV's attention score for ``method="fastv"``, which skips stage 1).
 
-The other encoder methods (VisionZip, DivPrune, random) keep ``T`` groups in stage 1 and skip
+The other encoder methods (VisionZip, DivPrune, pool, random) keep ``T`` groups in stage 1 and skip
 stage 2 (:func:`flowcut.methods.stages`).
 
 Positions (M-RoPE). Every kept visual token keeps the (t, h, w) position it has in the unpruned
@@ -243,6 +243,7 @@ class QwenFamily:
             counts,
             project=self.encoder.project_units,
             pixel_rows=rows,
+            grids=[item.grid for item in items for _ in range(item.slices)],
         )
         with self.encoder.session(slice_grid_thw):
             stage = self.method.select_units(call)

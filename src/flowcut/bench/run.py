@@ -301,11 +301,21 @@ def _prompt(
     return inputs, partial(model.model.get_video_features, inputs["pixel_values_videos"], **extra)
 
 
-def _encoder_passes(model: torch.nn.Module, trace: Any, inputs: Any) -> list[list[int]]:
-    """Per encoder pass (an image, a crop, a frame or a temporal slice), the patches each layer processed.
+def _units_handed_on(trace: Any) -> int:
+    """Units an encoder pass hands to the projector: those alive after its last layer."""
+    last_layer = len(trace.tokens_per_layer) - 1
+    if trace.prune_layers and trace.prune_layers[-1] == last_layer:  # chosen after the last layer ran
+        return len(trace.kept_after_prune[-1])
+    return trace.tokens_per_layer[-1]
+
+
+def _encoder_passes(model: torch.nn.Module, trace: Any, inputs: Any) -> tuple[list[list[int]], int | None]:
+    """Per encoder pass (an image, a crop, a frame or a temporal slice), the patches each layer processed;
+    and the units the projector maps where they are not the tokens entering the language model (None).
 
     Passes the trace does not describe (the stock model, or media the encoder stage left whole) ran every
-    layer over every patch.
+    layer over every patch and project every unit. A traced pass projects the units its last layer kept; what a
+    method spends choosing them (DivPrune projects every candidate to compare them) is not counted.
     """
     family = model.config.model_type
     video = inputs.get("pixel_values_videos") is not None
@@ -315,23 +325,24 @@ def _encoder_passes(model: torch.nn.Module, trace: Any, inputs: Any) -> list[lis
             traced = (trace.videos or [[]])[0]  # None: the video took the stock path
         else:
             traced = trace.images if family in CROP_FAMILIES else trace.images[:1]
+    kept_units = sum(_units_handed_on(t) for t in traced)
     vision = model.config.vision_config
     if family in QWEN_FAMILIES:
         slices, rows, columns = (int(v) for v in inputs["video_grid_thw" if video else "image_grid_thw"][0])
-        # Qwen traces count merge groups; the tower's layers process their patches.
+        # Qwen traces count merge groups; the tower's layers process their patches, the merger their groups.
         group = _merge_group(model)
-        return [[group * units for units in t.tokens_per_layer] for t in traced] or [
-            [rows * columns] * vision.depth
-        ] * slices
+        if traced:
+            return [[group * units for units in t.tokens_per_layer] for t in traced], kept_units
+        return [[rows * columns] * vision.depth] * slices, slices * rows * columns // group
     patches = (vision.image_size // vision.patch_size) ** 2
-    if video:
-        passes = inputs["pixel_values_videos"].shape[1]  # frames
-    elif family in CROP_FAMILIES:
+    if video or family not in CROP_FAMILIES:
+        passes = inputs["pixel_values_videos"].shape[1] if video else 1  # frames, or the one image
+        projected = None
+    else:  # crops are projected before unpadding and newlines
         image_size = inputs["image_sizes"][0].tolist()
         passes = compat.anyres_crop_count(image_size, model.config.image_grid_pinpoints, vision.image_size)
-    else:
-        passes = 1
-    return [t.tokens_per_layer for t in traced] or [[patches] * vision.num_hidden_layers] * passes
+        projected = kept_units if traced else passes * patches
+    return [t.tokens_per_layer for t in traced] or [[patches] * vision.num_hidden_layers] * passes, projected
 
 
 def _result(
@@ -353,7 +364,9 @@ def _result(
         kept = trace.language_positions.shape[1]
     visual = entering if kept is None else kept - prompt_tokens
     flops = None
-    passes = _encoder_passes(model, trace, inputs) if model.config.model_type in LLAVA_FAMILIES + QWEN_FAMILIES else []
+    passes, projected = [], None
+    if model.config.model_type in LLAVA_FAMILIES + QWEN_FAMILIES:
+        passes, projected = _encoder_passes(model, trace, inputs)
     shapes = model_shapes(model, patches=passes[0][0]) if passes else None
     if shapes is not None:
         vision_shape, projector, text_shape = shapes
@@ -361,11 +374,6 @@ def _result(
         if kept is not None:
             layer = get_method(setting.method).language_layer
             language = [length] * (layer + 1) + [kept] * (text_shape.layers - layer - 1)
-        projected = entering
-        if model.config.model_type in QWEN_FAMILIES:  # the merger maps each 2×2 group of patches
-            projected = sum(layers[-1] for layers in passes) // _merge_group(model)
-        elif model.config.model_type in CROP_FAMILIES and not video:  # projected before newlines are added
-            projected = sum(layers[-1] for layers in passes)
         flops = prefill_flops(
             vision_shape,
             text_shape,
@@ -374,7 +382,7 @@ def _result(
             prompt_tokens,
             language,
             projector=projector,
-            projector_tokens=projected,
+            projector_tokens=entering if projected is None else projected,
         )
     return BenchResult(
         setting, Timings(), visual, prompt_tokens, _cache_bytes(compat.output_cache(output)), flops, new_tokens

@@ -85,7 +85,7 @@ LANGUAGE_STAGE_LOGLIKELIHOOD = (
     "its decoder layer picks the visual tokens with the last token of the pass, which in a log-likelihood "
     "pass is the last token of the candidate answer, so every candidate would be scored against different "
     "visual tokens than generation sees. Use generation tasks, or a method that prunes in the vision "
-    "encoder only (every family: visionzip, divprune, random; LLaVA-1.5 and Video-LLaVA: flowcut and pool too)."
+    "encoder only (every family: visionzip, divprune, pool, random; LLaVA-1.5 and Video-LLaVA: flowcut too)."
 )
 
 

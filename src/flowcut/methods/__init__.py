@@ -76,6 +76,9 @@ class UnitCall:
     the language model's input embeddings, DivPrune, need it)."""
     pixel_rows: list[torch.Tensor] | None = None
     """Each row's own pixels where ``pixel_values`` packs the rows together (Qwen-VL); None: ``pixel_values[b]``."""
+    grids: list[tuple[int, int]] | None = None
+    """Each row's unit grid (rows, columns), units row-major, where rows differ (Qwen-VL's merged grids);
+    None: every row is the encoder's patch grid."""
 
     @property
     def rows(self) -> int:
@@ -89,6 +92,10 @@ class UnitCall:
     def unit_count(self, row: int) -> int:
         """Units of one row before pruning."""
         return self.counts[row] if self.counts is not None else self.encoder.num_patches
+
+    def unit_grid(self, row: int) -> tuple[int, int]:
+        """The unit grid (rows, columns) of one row."""
+        return self.grids[row] if self.grids is not None else self.encoder.grid_size
 
     def candidates(self, row: int) -> torch.Tensor:
         """Ascending indices of the row's units that may survive (its real units, those ``eligible`` allows)."""
