@@ -47,14 +47,14 @@ def test_ineligible_units_are_always_dropped_first(next_model):
     eligible = torch.zeros(144, dtype=torch.bool)
     eligible[30:100] = True
     settings = EncoderStageSettings(keep=40, feature_layer=4)
-    with torch.no_grad(), adapter.session():
-        stage = run_encoder_stage(adapter, pixels, settings, None, [40, 40], [eligible, None])
+    with torch.no_grad(), adapter.session() as bound:
+        stage = run_encoder_stage(bound, pixels, settings, None, [40, 40], [eligible, None])
     kept = stage.images[0].kept_indices
     assert len(kept) == 40 and bool(eligible[kept].all())
     with pytest.raises(ValueError, match="an image has 70 eligible units, fewer than its budget of 80"):
-        with adapter.session():
+        with adapter.session() as bound:
             run_encoder_stage(
-                adapter, pixels, EncoderStageSettings(keep=80, feature_layer=4), None, [80, 80], [eligible, None]
+                bound, pixels, EncoderStageSettings(keep=80, feature_layer=4), None, [80, 80], [eligible, None]
             )
 
 

@@ -40,10 +40,10 @@ def test_siglip_stage_without_pruning_is_the_stock_tower(onevision):
     adapter = SiglipEncoderAdapter(tower)
     with torch.no_grad():
         stock = tower(pixels, output_hidden_states=True).hidden_states[-1]
-        with adapter.session():
+        with adapter.session() as bound:
             count = [adapter.num_patches] * len(pixels)
             settings = EncoderStageSettings(keep=1, feature_layer=adapter.num_layers - 1)
-            stage = run_encoder_stage(adapter, pixels, settings, count, count)
+            stage = run_encoder_stage(bound, pixels, settings, count, count)
     torch.testing.assert_close(stage.hidden_states, stock, atol=1e-5, rtol=1e-5)
 
 

@@ -54,9 +54,9 @@ def test_packed_group_encoder_without_pruning_matches_the_stock_tower(qwen):
     adapter = QwenVisionAdapter(model.model.visual)
     units = [48, 40]
     settings = EncoderStageSettings(keep=48, feature_layer=adapter.num_layers - 1)
-    with torch.no_grad(), adapter.session(grid):
-        stage = run_encoder_stage(adapter, batch["pixel_values"], settings, units, units)
-        merged = adapter.merge(stage.hidden_states, stage.counts)
+    with torch.no_grad(), adapter.session(grid) as bound:
+        stage = run_encoder_stage(bound, batch["pixel_values"], settings, units, units)
+        merged = bound.merge(stage.hidden_states, stage.counts)
     assert stage.counts == units
     for ours, theirs in zip(merged, stock, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

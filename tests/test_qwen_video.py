@@ -67,9 +67,9 @@ def test_slices_encoded_as_images_reproduce_the_stock_video_tower(qwen):
     stock = model.model.get_video_features(video["pixel_values_videos"], grid).pooler_output[0]
     adapter = QwenVisionAdapter(model.model.visual)
     settings = EncoderStageSettings(keep=CELLS, feature_layer=adapter.num_layers - 1)
-    with torch.no_grad(), adapter.session(torch.tensor([[1, 12, 16], [1, 12, 16]])):
-        stage = run_encoder_stage(adapter, video["pixel_values_videos"], settings, [CELLS] * 2, [CELLS] * 2)
-        merged = torch.cat(adapter.merge(stage.hidden_states, stage.counts))
+    with torch.no_grad(), adapter.session(torch.tensor([[1, 12, 16], [1, 12, 16]])) as bound:
+        stage = run_encoder_stage(bound, video["pixel_values_videos"], settings, [CELLS] * 2, [CELLS] * 2)
+        merged = torch.cat(bound.merge(stage.hidden_states, stage.counts))
     torch.testing.assert_close(merged, stock, atol=1e-5, rtol=1e-5)
 
 

@@ -8,6 +8,7 @@ model unpruned; the SPEC §5 invariants hold as for FlowCut.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,8 +200,8 @@ def select(family: Family, method: str, pixels: torch.Tensor, keeps: list[int], 
         eligible=eligible,
         project=family.model.model.multi_modal_projector,
     )
-    with torch.no_grad(), encoder.session():
-        return get_method(method).select_units(call)
+    with torch.no_grad(), encoder.session() as bound:
+        return get_method(method).select_units(dataclasses.replace(call, encoder=bound))
 
 
 def test_divprune_units_are_the_max_min_picks_of_the_stock_projection(next_crops):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -37,6 +38,7 @@ class ClipEncoderAdapter:
         )
         self._attention = None
         self._implementation: str | None = None
+        """Set only on the pass adapter :meth:`session` yields."""
 
     @property
     def num_layers(self) -> int:
@@ -56,14 +58,16 @@ class ClipEncoderAdapter:
 
     @contextmanager
     def session(self) -> Iterator[ClipEncoderAdapter]:
-        """Route the tower's attention through the recorder for one pass, then restore it."""
-        self._implementation = compat.attention_implementation(self.attention_configs[0])
-        self._attention = resolve_attention(self._implementation, self.eager_attention)
+        """One pass: route the tower's attention through the recorder and restore it afterwards.
+
+        Yields the pass's adapter, a copy bound to the attention implementation of this pass; this
+        adapter itself holds nothing of the pass.
+        """
+        bound = copy.copy(self)
+        bound._implementation = compat.attention_implementation(self.attention_configs[0])
+        bound._attention = resolve_attention(bound._implementation, self.eager_attention)
         with recording_attention(self.attention_configs):
-            try:
-                yield self
-            finally:
-                self._attention = None
+            yield bound
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch + CLS embeddings after the pre-layer norm, as ``CLIPVisionModel.forward`` computes them."""
@@ -82,7 +86,7 @@ class ClipEncoderAdapter:
         CLIP's position embeddings were added at the input, so ``positions`` is not needed.
         """
         if self._attention is None:
-            raise RuntimeError("run_layer must be called inside ClipEncoderAdapter.session()")
+            raise RuntimeError("run_layer needs the adapter ClipEncoderAdapter.session() yields")
         mask = None if alive is None else key_padding_mask(alive, self._implementation, hidden_states.dtype)
         layer = self.layers[index]
         with attention_context(layer.self_attn, recorder, self._attention, self._implementation):

@@ -26,6 +26,7 @@ from flowcut.core.encoder_stage import ImageTrace
 from flowcut.core.language_stage import uniform_budgets
 from flowcut.methods import EncoderCall, get_method
 from flowcut.runtime import InstancePatch
+from flowcut.runtime.encoding import media_encoding
 from flowcut.trace import PruningTrace
 
 
@@ -168,7 +169,7 @@ class LlavaFamily:
             images = [self._stock_image_trace(torch.arange(self.encoder.num_patches)) for _ in range(batch_size)]
             if self.pruner is None:
                 self.on_trace(PruningTrace(images, self.encoder.grid_size, self.tokens_per_image, feature_layer))
-            return output
+            return media_encoding(output, (images, None))
 
         call = EncoderCall(
             self.config,
@@ -178,15 +179,17 @@ class LlavaFamily:
             self.encoder.grid_size,
             self.base.multi_modal_projector,
         )
-        with self.encoder.session():
-            selected = self.method.run(call)
+        with self.encoder.session() as encoder:
+            selected = self.method.run(replace(call, encoder=encoder))
         trace = PruningTrace(selected.images, self.encoder.grid_size, self.tokens_per_image, feature_layer)
         if selected.scoring_seconds is not None:
             trace.scoring_ms = 1000 * selected.scoring_seconds
         self.on_trace(trace)
         pooled = list(selected.features) if self.pooled_as_list else selected.features
         output = compat.encoder_output(last_hidden_state=selected.hidden_states, pooler_output=pooled)
-        return output if kwargs.get("return_dict", True) else output.to_tuple()
+        if not kwargs.get("return_dict", True):
+            return output.to_tuple()
+        return media_encoding(output, (selected.images, None), selected.scoring_seconds)
 
     def _stock_image_trace(self, kept_indices: torch.Tensor) -> ImageTrace:
         """The trace of an image the stock encoder path encoded: every layer runs on every patch."""

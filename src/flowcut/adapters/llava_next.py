@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -345,8 +345,8 @@ class LlavaNextFamily:
         frames_pixels = pixel_values_videos.flatten(0, 1)
         projector = self.base.multi_modal_projector
         call = UnitCall(self.config, self.encoder, frames_pixels, self.feature_layer, keeps, project=projector)
-        with self.encoder.session():
-            stage = self.method.select_units(call)
+        with self.encoder.session() as encoder:
+            stage = self.method.select_units(replace(call, encoder=encoder))
         projected = self.base.multi_modal_projector(stage.hidden_states[:, self.encoder.query_slots :])
         tokens = [projected[row, :count] for row, count in enumerate(stage.counts)]
         features = torch.stack([torch.cat(tokens[video * frames : (video + 1) * frames]) for video in range(videos)])
@@ -386,8 +386,8 @@ class LlavaNextFamily:
             eligible=eligible,
             project=self.base.multi_modal_projector,
         )
-        with self.encoder.session():
-            stage = self.method.select_units(call)
+        with self.encoder.session() as encoder:
+            stage = self.method.select_units(replace(call, encoder=encoder))
         projected = self.base.multi_modal_projector(stage.hidden_states[:, self.encoder.query_slots :])
         parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in layouts]
         base_patches = self.encoder.num_patches

@@ -245,9 +245,9 @@ class QwenFamily:
             pixel_rows=rows,
             grids=[item.grid for item in items for _ in range(item.slices)],
         )
-        with self.encoder.session(slice_grid_thw):
-            stage = self.method.select_units(call)
-            features = self.encoder.merge(stage.hidden_states, stage.counts)
+        with self.encoder.session(slice_grid_thw) as encoder:
+            stage = self.method.select_units(replace(call, encoder=encoder))
+            features = encoder.merge(stage.hidden_states, stage.counts)
         pooled, first = [], 0
         for item in items:
             slices = range(first, first + item.slices)

@@ -21,6 +21,7 @@ relation is the attention its four patches receive together, its density their m
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -49,6 +50,8 @@ class QwenVisionAdapter:
         self.window_units = visual.window_size // self.merge_size // visual.patch_size if self.windowed_blocks else 0
         self.config = visual.config
         self._eager = compat.eager_attention(self.blocks[0].attn)
+        # Set only on the pass adapter session() yields: its images' grids, and their rotary angles once embedded.
+        self._grid_thw: torch.Tensor | None = None
         self._grids: list[tuple[int, int]] = []
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -71,19 +74,20 @@ class QwenVisionAdapter:
 
     @contextmanager
     def session(self, grid_thw: torch.Tensor) -> Iterator[QwenVisionAdapter]:
-        """Bind one batch of images (their ``grid_thw``) for a pass; forget it afterwards."""
-        self._grids = self.unit_grids(grid_thw, self.merge_size)
-        self._grid_thw = grid_thw
-        try:
-            yield self
-        finally:
-            self._grids, self._rotary = [], None
+        """One pass over a batch of images (their ``grid_thw``): yields the pass's adapter, a copy bound
+        to them; this adapter itself holds nothing of the pass."""
+        bound = copy.copy(self)
+        bound._grids = self.unit_grids(grid_thw, self.merge_size)
+        bound._grid_thw = grid_thw
+        yield bound
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch embeddings grouped into units and padded per image: ``(B, N_max, 4·D)``.
 
         The rotary angles of every patch are computed here once, as the tower computes them.
         """
+        if self._grid_thw is None:
+            raise RuntimeError("embed needs the adapter QwenVisionAdapter.session() yields")
         patches = self.visual.patch_embed(pixel_values.type(self.visual.dtype))
         position_ids = compat.vision_position_ids(self._grid_thw, self.merge_size)
         cos, sin = self.visual.rotary_pos_emb(patches, position_ids)
@@ -102,7 +106,7 @@ class QwenVisionAdapter:
     ) -> torch.Tensor:
         """Run block ``index`` on the alive units of every image, packed; record q/k/v when asked."""
         if self._rotary is None:
-            raise RuntimeError("run_layer must be called after embed() inside QwenVisionAdapter.session()")
+            raise RuntimeError("run_layer needs the adapter QwenVisionAdapter.session() yields, after its embed()")
         batch, width, unit_dim = hidden_states.shape
         dim = unit_dim // self.group
         counts = [width] * batch if alive is None else alive.sum(dim=1).tolist()

@@ -27,7 +27,7 @@ from flowcut.adapters.processor import adapt_processor, check_placeholder_count
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace
 from flowcut.methods import EncoderCall
-from flowcut.runtime.encoding import total_scoring_seconds
+from flowcut.runtime.encoding import MediaEncoding, encoding_scoring, media_encoding, total_scoring_seconds
 from flowcut.trace import PruningTrace
 
 
@@ -42,13 +42,10 @@ class VideoLlavaFamily(LlavaFamily):
     def __init__(
         self, model: VideoLlavaForConditionalGeneration, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]
     ):
-        self._emit = on_trace
-        super().__init__(model, config, self._image_trace)
+        super().__init__(model, config, on_trace)
         self.video_keep = config.keep  # LlavaFamily turned a ratio into a per-image count; videos need the ratio
         self.video_encoder = ClipEncoderAdapter(self.base.video_tower)
         self.video_token_id = model.config.video_token_id
-        self._pass_images: PruningTrace | None = None
-        """The image trace of the pass being prepared, joined by its videos' trace."""
 
     # -- budgets ------------------------------------------------------------------------------
 
@@ -86,11 +83,6 @@ class VideoLlavaFamily(LlavaFamily):
             return get_video_features
 
         self.patch.override(self.base, "get_video_features", wrap)
-        # A pass's images must not join a later pass's videos in a trace, even after an error.
-        self.patch.hook(self.model.register_forward_hook(self._forget_images, always_call=True))
-
-    def _forget_images(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        self._pass_images = None
 
     def video_features(
         self,
@@ -108,8 +100,8 @@ class VideoLlavaFamily(LlavaFamily):
         if per_video == self.stock_video_tokens(frames):
             output = stock(pixel_values_videos=pixel_values_videos, vision_feature_layer=vision_feature_layer, **kwargs)
             frame_traces = [self._stock_image_trace(torch.arange(patches)) for _ in range(frames)]
-            self._video_trace([frame_traces] * videos, feature_layer)
-            return output
+            self.on_trace(self._pass_trace([], [frame_traces] * videos, feature_layer))
+            return media_encoding(output, ([frame_traces] * videos, None))
 
         budgets = frame_budgets(per_video, frames, patches) * videos
         pixels = pixel_values_videos.flatten(0, 1)
@@ -133,39 +125,36 @@ class VideoLlavaFamily(LlavaFamily):
                 self.video_encoder.grid_size,
                 self.base.multi_modal_projector,
             )
-            with self.video_encoder.session():
-                selected = self.method.run(call)
+            with self.video_encoder.session() as encoder:
+                selected = self.method.run(replace(call, encoder=encoder))
             for row, frame in enumerate(chosen):
                 features[frame], traces[frame] = selected.features[row], selected.images[row]
             scoring_seconds = total_scoring_seconds(scoring_seconds, selected.scoring_seconds)
         video_features = torch.cat(features).view(videos, per_video, -1)
         frame_traces = [traces[video * frames : (video + 1) * frames] for video in range(videos)]
-        self._video_trace(frame_traces, feature_layer, scoring_seconds)
+        self.on_trace(self._pass_trace([], frame_traces, feature_layer, scoring_seconds))
         output = compat.encoder_output(pooler_output=video_features)
-        return output if kwargs.get("return_dict", True) else output.to_tuple()
+        if not kwargs.get("return_dict", True):
+            return output.to_tuple()
+        return media_encoding(output, (frame_traces, None), scoring_seconds)
 
-    def _image_trace(self, trace: PruningTrace) -> None:
-        self._pass_images = trace
-        self._emit(trace)
-
-    def _video_trace(
-        self, videos: list[list[ImageTrace]], feature_layer: int, scoring_seconds: float | None = None
-    ) -> None:
-        """Publish the pass's trace: its images (where encoded just before) and its videos, frame by frame."""
-        images = self._pass_images
-        trace = PruningTrace(
-            [] if images is None else images.images,
-            self.video_encoder.grid_size,
-            self.config.keep,
-            feature_layer,
-            videos=videos,
-            video_keep=self.video_keep,
-        )
+    def _pass_trace(
+        self,
+        images: list[ImageTrace],
+        videos: list[list[ImageTrace]],
+        feature_layer: int,
+        scoring_seconds: float | None = None,
+    ) -> PruningTrace:
+        """The trace of a pass's images and videos (frame by frame)."""
+        grid, keep = self.video_encoder.grid_size, self.config.keep
+        trace = PruningTrace(images, grid, keep, feature_layer, videos=videos, video_keep=self.video_keep)
         if scoring_seconds is not None:
             trace.scoring_ms = 1000 * scoring_seconds
-        self._emit(trace)
+        return trace
 
-    def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    def _before_forward(
+        self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]] | None:
         """Refuse videos for language-stage methods, check the video placeholders, then the images'."""
         has_video = kwargs.get("pixel_values_videos") is not None or bool(
             (kwargs.get("mm_encoder_outputs") or {}).get("video")
@@ -182,8 +171,43 @@ class VideoLlavaFamily(LlavaFamily):
             placeholders = int((input_ids == self.video_token_id).sum())
             expected, stock = count * self.video_tokens(frames), count * self.stock_video_tokens(frames)
             check_placeholder_count(placeholders, expected, stock, images=count, kind="video")
-        self._pass_images = None
         super()._before_forward(module, args, kwargs)
+        if compat.cache_length(compat.cache_argument(kwargs)) > 0:
+            return None
+        return self._encode_videos(args, kwargs)
+
+    def _encode_videos(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        """Encode a pass that holds videos here, and publish one trace of its images and videos.
+
+        ``generate`` brings the pass's encodings (``mm_encoder_outputs``); a plain forward pass brings
+        pixels, encoded here through this instance's ``get_*_features`` the same way. Each encoding
+        carries its own traces, so the pass's trace is built from its encodings alone. Passes without
+        videos are LLaVA-1.5's (their image encoding publishes the trace).
+        """
+        encoded = dict(kwargs.get("mm_encoder_outputs") or {})
+        videos, pixels = kwargs.get("pixel_values_videos"), kwargs.get("pixel_values")
+        if videos is None and encoded.get("video") is None:
+            return None
+        kwargs = dict(kwargs)
+        layer = kwargs.get("vision_feature_layer")
+        if videos is not None:
+            encoded["video"] = self.base.get_video_features(videos, vision_feature_layer=layer)
+            kwargs["pixel_values_videos"] = None
+            if pixels is not None:  # the model takes either pixels or encodings, not both
+                strategy = kwargs.get("vision_feature_select_strategy")
+                encoded["image"] = self.base.get_image_features(
+                    pixels, vision_feature_layer=layer, vision_feature_select_strategy=strategy
+                )
+                kwargs["pixel_values"] = None
+        kwargs["mm_encoder_outputs"] = encoded
+        image, video = encoded.get("image"), encoded["video"]
+        if isinstance(video, MediaEncoding) and (image is None or isinstance(image, MediaEncoding)):
+            images = [] if image is None else image.media[0]
+            seconds = total_scoring_seconds(encoding_scoring(image), encoding_scoring(video))
+            layer = self.model.config.vision_feature_layer if layer is None else layer
+            feature_layer = feature_layer_index(layer, self.video_encoder.num_layers)
+            self.on_trace(self._pass_trace(images, video.media[0], feature_layer, seconds))
+        return args, kwargs
 
     # -- processor side ---------------------------------------------------------------------
 
