@@ -93,19 +93,20 @@ def apply(
     model: torch.nn.Module,
     processor: Any = None,
     keep: int | None = None,
-    method: str = "flowcut",
+    method: str | None = None,
     config: FlowCutConfig | None = None,
     **options: Any,
 ) -> FlowCutHandle:
     """Prune ``model``'s visual tokens to ``keep`` per image; returns a handle that can undo it.
 
     Pass the model's ``processor`` so prompts carry ``keep`` image placeholders per image. Either
-    give ``keep``/``method``/``options`` or a ready :class:`FlowCutConfig`, not both.
+    give ``keep`` (default 64), ``method`` (default ``"flowcut"``) and ``options``, or a ready
+    :class:`FlowCutConfig`, not both.
     """
     compat.check_transformers_version()
     if config is None:
-        config = FlowCutConfig(keep=64 if keep is None else keep, method=method, **options)
-    elif keep is not None or options or method != "flowcut":
+        config = FlowCutConfig(keep=64 if keep is None else keep, method=method or "flowcut", **options)
+    elif keep is not None or options or method is not None:
         raise ValueError("pass either config= or keep/method/options, not both")
     return FlowCutHandle(model, config, processor)
 

@@ -130,18 +130,17 @@ class FlowCutConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", validate_keep(self.keep))
-        get_method(self.method)  # unknown names are an error listing the known ones
+        method = get_method(self.method)  # unknown names are an error listing the known ones
         if isinstance(self.prune_interval, bool) or not isinstance(self.prune_interval, int) or self.prune_interval < 1:
             raise ValueError(f"prune_interval must be a positive integer, got {self.prune_interval!r}")
         for name, choices in (("schedule", SCHEDULES), ("counts", COUNTS), ("criteria", CRITERIA)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; available: {', '.join(choices)}")
-        if self.method != "flowcut":
-            for name, default in _FLOWCUT_ONLY.items():
-                if getattr(self, name) != default:
-                    raise ValueError(
-                        f"{name}={getattr(self, name)!r} is a FlowCut setting; it does not apply to {self.method!r}"
-                    )
+        for name, default in _FLOWCUT_ONLY.items():
+            if name not in method.settings and getattr(self, name) != default:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is a FlowCut setting; it does not apply to {self.method!r}"
+                )
         if not 0.0 <= self.ema_weight < 1.0:
             raise ValueError(f"ema_weight must be in [0, 1), got {self.ema_weight!r}")
 

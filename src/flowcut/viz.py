@@ -219,6 +219,7 @@ def visualise(
     The model is left as it was: each method is applied and removed in turn.
     """
     import flowcut
+    from flowcut.methods import get_method
     from flowcut.prompting import prompt_inputs
 
     if not methods:
@@ -226,7 +227,7 @@ def visualise(
     views: list[MethodView] = []
     pixel_values = None
     for method in methods:
-        options = {"record_scores": True} if method == "flowcut" else {}
+        options = {"record_scores": True} if "record_scores" in get_method(method).settings else {}
         with flowcut.apply(model, processor=processor, keep=keep, method=method, **options) as handle:
             inputs = prompt_inputs(processor, image, prompt or "", model.device, model.dtype)
             pixel_values = inputs["pixel_values"][0]

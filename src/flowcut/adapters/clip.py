@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -12,6 +13,33 @@ from flowcut import compat
 from flowcut.adapters.attention import attention_context, key_padding_mask, recording_attention, resolve_attention
 from flowcut.core.encoder_stage import AttentionRecord, AttentionRecorder
 from flowcut.core.scoring import CriteriaScores, cls_criteria, global_query_criteria
+
+
+def feature_layer_index(vision_feature_layer: Any, num_layers: int) -> int:
+    """0-based index of the encoder layer whose output ``hidden_states[vision_feature_layer]`` is."""
+    if not isinstance(vision_feature_layer, int) or isinstance(vision_feature_layer, bool):
+        raise ValueError(
+            "FlowCut needs a single vision feature layer; vision_feature_layer="
+            f"{vision_feature_layer!r} (features from several layers) is not supported"
+        )
+    entries = num_layers + 1  # hidden_states = (embeddings, layer 0, …, layer L-1)
+    if not -entries <= vision_feature_layer < entries:
+        raise ValueError(f"vision_feature_layer={vision_feature_layer} is out of range for {num_layers} layers")
+    index = vision_feature_layer % entries - 1
+    if index < 1:
+        raise ValueError(
+            f"vision_feature_layer={vision_feature_layer} leaves no encoder layer before the features to prune in"
+        )
+    return index
+
+
+def check_select_strategy(strategy: Any) -> None:
+    """FlowCut drops CLS from the features ("default"); "full" would hand CLS to the language model."""
+    if strategy != "default":
+        raise ValueError(
+            f"vision_feature_select_strategy={strategy!r} is not supported by FlowCut: only 'default' "
+            "(patch tokens without CLS, as in LLaVA-1.5) keeps an exact budget of patch tokens"
+        )
 
 
 class ClipEncoderAdapter:

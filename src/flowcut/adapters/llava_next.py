@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -42,21 +41,15 @@ from transformers import (
 )
 
 from flowcut import compat
-from flowcut.adapters.clip import vision_adapter
-from flowcut.adapters.language import (
-    DecoderPruner,
-    decoder_pruner,
-    images_key,
-    media_prefill,
-    prompt_layout,
-)
-from flowcut.adapters.llava import check_select_strategy, feature_layer_index
-from flowcut.adapters.processor import adapt_processor, check_media_placeholders
+from flowcut.adapters.clip import check_select_strategy, feature_layer_index, vision_adapter
+from flowcut.adapters.language import decoder_pruner
+from flowcut.adapters.processor import adapt_processor
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep, unit_shares
-from flowcut.core.encoder_stage import EncoderStageOutput, ImageTrace
+from flowcut.core.encoder_stage import EncoderStageOutput
 from flowcut.methods import TWO_STAGE_REASON, UnitCall, available_method, stages, two_stage_methods
-from flowcut.runtime import InstancePatch
-from flowcut.runtime.encoding import encoded_media, encoding_scoring, media_encoding, total_scoring_seconds
+from flowcut.runtime.encoding import media_encoding
+from flowcut.runtime.family import Handler
+from flowcut.runtime.media import Kept, MediaFamily, MediaKind, PassMedia
 from flowcut.trace import PruningTrace
 
 
@@ -101,27 +94,7 @@ class VideoLayout:
         return self.stock_tokens if self.frame_keeps is None else sum(self.frame_keeps)
 
 
-@dataclass
-class _Prompt:
-    """The images and videos of one pass, and what the encoder stage kept of them."""
-
-    layouts: list[ImageLayout] = field(default_factory=list)
-    crop_traces: list[ImageTrace] | None = None
-    videos: list[VideoLayout] = field(default_factory=list)
-    frame_traces: list[list[ImageTrace]] | None = None
-    """Per video, per frame: what the encoder stage kept (None where the videos took the stock path)."""
-    image_scoring: float | None = None
-    """With ``time_scoring``: seconds the images' encoder stage spent scoring and selecting (set per encoding)."""
-    video_scoring: float | None = None
-    """The same for the videos."""
-
-    @property
-    def scoring_seconds(self) -> float | None:
-        """Scoring and selection time over the pass's media; None where nothing was timed."""
-        return total_scoring_seconds(self.image_scoring, self.video_scoring)
-
-
-class LlavaNextFamily:
+class LlavaNextFamily(MediaFamily):
     """Installs FlowCut on one ``LlavaNextForConditionalGeneration`` instance and removes it again."""
 
     model_classes: tuple[type, ...] = (LlavaNextForConditionalGeneration, LlavaNextVideoForConditionalGeneration)
@@ -131,10 +104,8 @@ class LlavaNextFamily:
     def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
         self.method = available_method(config.method, two_stage_methods(), type(model).__name__, TWO_STAGE_REASON)
         self.stages = stages(self.method)
-        self.model = model
+        super().__init__(model, on_trace)
         self.config = config
-        self.on_trace = on_trace
-        self.base = model.model
         self.encoder = vision_adapter(self.base.vision_tower)
         model_config = model.config
         self.feature_layer = feature_layer_index(model_config.vision_feature_layer, self.encoder.num_layers)
@@ -149,8 +120,6 @@ class LlavaNextFamily:
         self.video_token_id = getattr(model_config, "video_token_id", None)
         self.pinpoints = model_config.image_grid_pinpoints
         self.crop_pixels = model_config.vision_config.image_size
-        self.patch = InstancePatch()
-        self.pruner: DecoderPruner | None = None
         if self.stages.language:
             self.pruner = decoder_pruner(
                 self.base.language_model, self.method.language_layer, self.method.language_score
@@ -235,63 +204,12 @@ class LlavaNextFamily:
 
     # -- model side -------------------------------------------------------------------------
 
-    def install(self) -> None:
-        """Route this instance's image (and video) features through FlowCut."""
-        family = self
-
-        def wrap_images(stock: Callable[..., Any]) -> Callable[..., Any]:
-            def get_image_features(
-                pixel_values: torch.Tensor,
-                image_sizes: torch.Tensor,
-                vision_feature_layer: Any = None,
-                vision_feature_select_strategy: Any = None,
-                batch_num_images: Any = None,
-                **kwargs: Any,
-            ) -> Any:
-                """Image features pruned by FlowCut's encoder stage (installed by flowcut.apply on this instance)."""
-                # Named parameters: generate() hands over exactly the inputs this signature names.
-                return family.image_features(
-                    stock,
-                    pixel_values,
-                    image_sizes,
-                    vision_feature_layer=vision_feature_layer,
-                    vision_feature_select_strategy=vision_feature_select_strategy,
-                    batch_num_images=batch_num_images,
-                    **kwargs,
-                )
-
-            return get_image_features
-
-        def wrap_videos(stock: Callable[..., Any]) -> Callable[..., Any]:
-            def get_video_features(
-                pixel_values_videos: torch.Tensor,
-                vision_feature_layer: Any = None,
-                vision_feature_select_strategy: Any = None,
-                **kwargs: Any,
-            ) -> Any:
-                """Video features pruned frame by frame (installed by flowcut.apply on this instance)."""
-                return family.video_features(
-                    stock,
-                    pixel_values_videos,
-                    vision_feature_layer=vision_feature_layer,
-                    vision_feature_select_strategy=vision_feature_select_strategy,
-                    **kwargs,
-                )
-
-            return get_video_features
-
-        self.patch.override(self.base, "get_image_features", wrap_images)
+    def entry_points(self) -> dict[str, Handler]:
+        """This instance's image (and video) features go through FlowCut."""
+        entries = {"get_image_features": self.image_features}
         if self.video_token_id is not None:
-            self.patch.override(self.base, "get_video_features", wrap_videos)
-        self.patch.hook(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-        if self.pruner is not None:
-            self.pruner.install()
-
-    def uninstall(self) -> None:
-        """Restore the instance exactly as it was before :meth:`install`."""
-        self.patch.restore()
-        if self.pruner is not None:
-            self.pruner.remove()
+            entries["get_video_features"] = self.video_features
+        return entries
 
     def image_features(
         self, stock: Callable[..., Any], pixel_values: torch.Tensor, image_sizes: torch.Tensor, **kwargs: Any
@@ -406,113 +324,72 @@ class LlavaNextFamily:
             features.append(tokens[order.argsort().to(tokens.device)])
         return features, stage
 
-    def _before_forward(
-        self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
-    ) -> tuple[tuple, dict[str, Any]] | None:
-        """Check the placeholders, encode the pass's media, hand the pruner this pass's prefill.
+    def media_kinds(self) -> list[MediaKind]:
+        kinds = [MediaKind("image", self.image_token_id, "pixel_values", self._encode_images, self._planned_images)]
+        if self.video_token_id is not None:
+            kinds.append(
+                MediaKind(
+                    "video", self.video_token_id, "pixel_values_videos", self._encode_videos, self._planned_videos
+                )
+            )
+        return kinds
 
-        ``generate`` encodes images and videos through this instance's ``get_*_features`` before its
-        prefill and passes ``mm_encoder_outputs``; a plain forward pass brings pixels, which are encoded
-        here the same way, so every pass reads its media from its encodings (each carries its plans).
-        """
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = compat.cache_argument(kwargs)
-        if self.pruner is not None:
-            self.pruner.refuse_static_cache(cache, self.config.method)
-        if compat.cache_length(cache) > 0:
-            return None
-        kwargs = dict(kwargs)
-        pixels, videos = kwargs.get("pixel_values"), kwargs.get("pixel_values_videos")
-        # The model's own vision settings of this pass (FlowCut refuses values other than the config's).
+    @staticmethod
+    def _settings(kwargs: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+        """The model's own vision settings a pass sets (FlowCut refuses values other than the config's)."""
+        return {name: kwargs[name] for name in names if kwargs.get(name) is not None}
+
+    def _encode_images(self, kwargs: dict[str, Any]) -> Any:
+        sizes = kwargs.get("image_sizes")
+        if sizes is None:
+            raise ValueError("LLaVA-NeXT needs image_sizes (the processor returns them)")
         names = ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio")
-        settings = {name: kwargs[name] for name in names if kwargs.get(name) is not None}
-        encoded = dict(kwargs.get("mm_encoder_outputs") or {})
-        if pixels is not None:
-            sizes = kwargs.get("image_sizes")
-            if sizes is None:
-                raise ValueError("LLaVA-NeXT needs image_sizes (the processor returns them)")
-            if input_ids is not None:  # explain a prompt made for the unpruned model before encoding
-                single = self._single_crop(kwargs.get("batch_num_images"), len(sizes))
-                planned = [self.layout(size, alone) for size, alone in zip(sizes, single, strict=True)]
-                check_media_placeholders(input_ids, [(self.image_token_id, planned, "image")])
-            encoded["image"] = self.base.get_image_features(
-                pixels, sizes, batch_num_images=kwargs.get("batch_num_images"), **settings
-            )
-            kwargs["pixel_values"] = None
-        if videos is not None:
-            video_settings = {name: value for name, value in settings.items() if name != "vision_aspect_ratio"}
-            encoded["video"] = self.base.get_video_features(videos, **video_settings)
-            kwargs["pixel_values_videos"] = None
-        image, video = encoded.get("image"), encoded.get("video")
-        if image is not None or video is not None:
-            kwargs["mm_encoder_outputs"] = encoded
-        layouts, crop_traces = encoded_media(image, "image") if image is not None else ([], None)
-        video_layouts, frame_traces = encoded_media(video, "video") if video is not None else ([], None)
-        prompt = _Prompt(layouts, crop_traces, video_layouts, frame_traces)
-        prompt.image_scoring, prompt.video_scoring = encoding_scoring(image), encoding_scoring(video)
-        media = prompt.layouts + prompt.videos
-        if input_ids is not None:
-            check_media_placeholders(
-                input_ids,
-                [(self.image_token_id, prompt.layouts, "image"), (self.video_token_id, prompt.videos, "video")],
-            )
-        language_prunes = self.pruner is not None and any(lay.budget < lay.placeholders for lay in media)
-        if self.pruner is not None:
-            if language_prunes and input_ids is None:
-                raise ValueError(f"method {self.config.method!r} needs input_ids to find the visual tokens")
-            prefill = None
-            if language_prunes:
-                visual = input_ids == self.image_token_id
-                by_token = {self.image_token_id: prompt.layouts}
-                if self.video_token_id is not None:
-                    visual |= input_ids == self.video_token_id
-                    by_token[self.video_token_id] = prompt.videos
-                layout = prompt_layout(input_ids, kwargs.get("attention_mask"), visual, images_key(kwargs))
-                prefill = media_prefill(layout, by_token, partial(self._language_trace, prompt))
-            self.pruner.start_prefill(prefill)
-        if media and not language_prunes:
-            self._trace_without_language_stage(prompt)
-        return args, kwargs
+        return self.base.get_image_features(
+            kwargs["pixel_values"],
+            sizes,
+            batch_num_images=kwargs.get("batch_num_images"),
+            **self._settings(kwargs, names),
+        )
 
-    def _language_trace(
-        self, prompt: _Prompt, positions: torch.Tensor, kept: list[tuple[tuple[int, int], torch.Tensor]]
-    ) -> None:
+    def _encode_videos(self, kwargs: dict[str, Any]) -> Any:
+        names = ("vision_feature_layer", "vision_feature_select_strategy")
+        return self.base.get_video_features(kwargs["pixel_values_videos"], **self._settings(kwargs, names))
+
+    def _planned_images(self, kwargs: dict[str, Any]) -> list[ImageLayout]:
+        sizes = kwargs.get("image_sizes")
+        if kwargs.get("pixel_values") is None or sizes is None:
+            return []
+        single = self._single_crop(kwargs.get("batch_num_images"), len(sizes))
+        return [self.layout(size, alone) for size, alone in zip(sizes, single, strict=True)]
+
+    def _planned_videos(self, kwargs: dict[str, Any]) -> list[VideoLayout]:
+        videos = kwargs.get("pixel_values_videos")
+        return [] if videos is None else [self.video_layout(videos.shape[1])] * videos.shape[0]
+
+    def publish(self, media: PassMedia, kept: Kept | None, positions: torch.Tensor | None) -> None:
         """Per image and video: its stock visual tokens, those entering the language model, those kept after layer 1."""
-        counts: dict[int, list[tuple[int, int, int]]] = {
-            self.image_token_id: [(lay.stock_tokens, lay.placeholders, lay.placeholders) for lay in prompt.layouts],
-            self.video_token_id: [(lay.stock_tokens, lay.placeholders, lay.placeholders) for lay in prompt.videos],
-        }
-        for (token_id, index), mask in kept:
-            stock, entering, _ = counts[token_id][index]
-            counts[token_id][index] = (stock, entering, int(mask.sum()))
-        self._trace(prompt, counts[self.image_token_id], counts[self.video_token_id], positions)
 
-    def _trace_without_language_stage(self, prompt: _Prompt) -> None:
-        """The trace of media that no decoder layer prunes."""
-        images = [(lay.stock_tokens, lay.placeholders, lay.placeholders) for lay in prompt.layouts]
-        videos = [(lay.stock_tokens, lay.placeholders, lay.placeholders) for lay in prompt.videos]
-        self._trace(prompt, images, videos)
+        def tokens(kind: str) -> list[tuple[int, int, int]]:
+            masks = (kept or {}).get(kind) or [None] * len(media.items(kind))
+            return [
+                (lay.stock_tokens, lay.placeholders, lay.placeholders if mask is None else int(mask.sum()))
+                for lay, mask in zip(media.items(kind), masks, strict=True)
+            ]
 
-    def _trace(
-        self,
-        prompt: _Prompt,
-        image_tokens: list[tuple[int, int, int]],
-        video_tokens: list[tuple[int, int, int]],
-        positions: torch.Tensor | None = None,
-    ) -> None:
+        seconds = media.scoring_seconds
         trace = PruningTrace(
-            prompt.crop_traces or [],
+            media.extra("image") or [],
             self.encoder.grid_size,
             self.config.keep,
             self.feature_layer,
             positions,
-            image_tokens=image_tokens,
-            scoring_ms=None if prompt.scoring_seconds is None else 1000 * prompt.scoring_seconds,
+            image_tokens=tokens("image"),
+            scoring_ms=None if seconds is None else 1000 * seconds,
         )
-        if prompt.videos:
-            trace.videos = prompt.frame_traces
+        if media.items("video"):
+            trace.videos = media.extra("video")
             trace.video_keep = self.config.keep
-            trace.video_tokens = video_tokens
+            trace.video_tokens = tokens("video")
         self.on_trace(trace)
 
     # -- processor side ---------------------------------------------------------------------

@@ -116,14 +116,18 @@ def check_placeholder_count(
     )
 
 
-def check_media_placeholders(input_ids: Any, media: list[tuple[int | None, list[Any], str]]) -> None:
+def check_media_placeholders(
+    input_ids: Any, media: list[tuple[int | None, list[Any], str]], per_item: bool = False
+) -> None:
     """:func:`check_placeholder_count` for each kind of media of a prompt batch.
 
     ``media`` holds ``(placeholder token id, items, kind)``; each item tells its ``placeholders``
-    (with pruning) and ``stock_tokens`` (without). Kinds without items are skipped.
+    (with pruning) and ``stock_tokens`` (without). Kinds without items are skipped. ``per_item``:
+    every item of a kind has the same counts, and the error states them per item.
     """
     for token_id, items, kind in media:
         if items:
             placeholders = int((input_ids == token_id).sum())
             expected = sum(item.placeholders for item in items)
-            check_placeholder_count(placeholders, expected, sum(item.stock_tokens for item in items), kind=kind)
+            stock = sum(item.stock_tokens for item in items)
+            check_placeholder_count(placeholders, expected, stock, len(items) if per_item else None, kind=kind)

@@ -33,20 +33,15 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from flowcut import compat
-from flowcut.adapters.language import (
-    DecoderPruner,
-    decoder_pruner,
-    images_key,
-    media_prefill,
-    prompt_layout,
-)
-from flowcut.adapters.processor import adapt_processor, check_media_placeholders
+from flowcut.adapters.language import decoder_pruner
+from flowcut.adapters.processor import adapt_processor
 from flowcut.adapters.qwen_vision import QwenVisionAdapter
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace
 from flowcut.methods import TWO_STAGE_REASON, UnitCall, available_method, stages, two_stage_methods
-from flowcut.runtime import InstancePatch
-from flowcut.runtime.encoding import encoded_media, encoding_scoring, media_encoding, total_scoring_seconds
+from flowcut.runtime.encoding import media_encoding
+from flowcut.runtime.family import Handler
+from flowcut.runtime.media import Kept, MediaFamily, MediaKind, PassMedia
 from flowcut.trace import PruningTrace
 
 IMAGE, VIDEO = 1, 2
@@ -87,23 +82,7 @@ class _Media:
         return sum(self.slice_placeholders)
 
 
-@dataclass
-class _Prompt:
-    """The media of the pass being processed, each kind in batch order."""
-
-    images: list[_Media]
-    videos: list[_Media]
-    image_grid_thw: torch.Tensor | None
-    video_grid_thw: torch.Tensor | None
-    scoring_seconds: float | None = None
-    """With ``time_scoring``: the encoder stage's scoring and selection time over the pass's media."""
-
-    @property
-    def media(self) -> list[_Media]:
-        return self.images + self.videos
-
-
-class QwenFamily:
+class QwenFamily(MediaFamily):
     """Installs FlowCut on one Qwen2-VL / Qwen2.5-VL instance and removes it again."""
 
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
@@ -111,18 +90,11 @@ class QwenFamily:
     def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
         self.method = available_method(config.method, two_stage_methods(), type(model).__name__, TWO_STAGE_REASON)
         self.stages = stages(self.method)
-        self.model = model
+        super().__init__(model, on_trace)
         self.config = config
-        self.on_trace = on_trace
-        self.base = model.model
         self.encoder = QwenVisionAdapter(self.base.visual)
         self.image_token_id = model.config.image_token_id
         self.video_token_id = model.config.video_token_id
-        self.patch = InstancePatch()
-        self._stock_features: dict[str, Callable[..., Any]] = {}
-        """The instance's own ``get_*_features`` before FlowCut (the stock path of items under their budget)."""
-        self._stock_rope_index: Callable[..., Any] | None = None
-        self.pruner: DecoderPruner | None = None
         if self.stages.language:
             self.pruner = decoder_pruner(
                 self.base.language_model, self.method.language_layer, self.method.language_score
@@ -168,49 +140,31 @@ class QwenFamily:
 
     # -- model side -------------------------------------------------------------------------
 
-    def install(self) -> None:
-        """Route this instance's image and video features and its positions through FlowCut."""
-        family = self
-
-        def wrap_images(stock: Callable[..., Any]) -> Callable[..., Any]:
-            def get_image_features(
-                pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs: Any
-            ) -> compat.EncoderOutput | tuple:
-                """Image features pruned by FlowCut's encoder stage (installed by flowcut.apply on this instance)."""
-                return family.encode("image", pixel_values, image_grid_thw, **kwargs)
-
-            return get_image_features
-
-        def wrap_videos(stock: Callable[..., Any]) -> Callable[..., Any]:
-            def get_video_features(
-                pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None = None, **kwargs: Any
-            ) -> compat.EncoderOutput | tuple:
-                """Video features pruned by FlowCut's encoder stage (installed by flowcut.apply on this instance)."""
-                return family.encode("video", pixel_values_videos, video_grid_thw, **kwargs)
-
-            return get_video_features
-
-        def wrap_rope_index(stock: Callable[..., Any]) -> Callable[..., Any]:
-            def get_rope_index(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-                """M-RoPE positions of a pruned prompt: the unpruned positions of the tokens that remain."""
-                return family.rope_index(stock, input_ids, *args, **kwargs)
-
-            return get_rope_index
-
-        self._stock_features = {
-            "image": self.patch.override(self.base, "get_image_features", wrap_images),
-            "video": self.patch.override(self.base, "get_video_features", wrap_videos),
+    def entry_points(self) -> dict[str, Handler]:
+        """This instance's image and video features and its positions go through FlowCut."""
+        return {
+            "get_image_features": self.image_features,
+            "get_video_features": self.video_features,
+            "get_rope_index": self.rope_index,
         }
-        self._stock_rope_index = self.patch.override(self.base, "get_rope_index", wrap_rope_index)
-        self.patch.hook(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-        if self.pruner is not None:
-            self.pruner.install()
 
-    def uninstall(self) -> None:
-        """Restore the instance exactly as it was before :meth:`install`."""
-        self.patch.restore()
-        if self.pruner is not None:
-            self.pruner.remove()
+    def image_features(
+        self,
+        stock: Callable[..., Any],
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> compat.EncoderOutput | tuple:
+        return self.encode("image", pixel_values, image_grid_thw, **kwargs)
+
+    def video_features(
+        self,
+        stock: Callable[..., Any],
+        pixel_values_videos: torch.Tensor,
+        video_grid_thw: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> compat.EncoderOutput | tuple:
+        return self.encode("video", pixel_values_videos, video_grid_thw, **kwargs)
 
     def encode(
         self, kind: str, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None, **kwargs: Any
@@ -226,7 +180,7 @@ class QwenFamily:
         items = self._media(grid_thw)
         if all(item.placeholders == item.cells for item in items):
             # No item is over its encoder budget: the stock tower, bit for bit.
-            output = self._stock_features[kind](pixel_values, grid_thw, **kwargs)
+            output = self.stock[f"get_{kind}_features"](pixel_values, grid_thw, **kwargs)
             return media_encoding(output, (items, grid_thw))
         slice_grid_thw = grid_thw.repeat_interleave(grid_thw[:, 0], dim=0)
         slice_grid_thw[:, 0] = 1
@@ -293,7 +247,7 @@ class QwenFamily:
                 **kwargs,
             )
         media = {IMAGE: self._media(image_grid_thw), VIDEO: self._media(video_grid_thw)}
-        self._check_placeholders(input_ids, media[IMAGE], media[VIDEO])
+        self.check_placeholders(input_ids, {"image": media[IMAGE], "video": media[VIDEO]})
         token_ids = {IMAGE: self.image_token_id, VIDEO: self.video_token_id}
         visible = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         types = mm_token_type_ids.masked_fill(~visible, 0).tolist()
@@ -355,74 +309,37 @@ class QwenFamily:
         gathered = gathered.masked_fill(~visible[None], 0)
         return gathered, deltas + torch.tensor(extra, device=deltas.device, dtype=deltas.dtype)[:, None]
 
-    def _pass_media(self, kind: str, kwargs: dict[str, Any]) -> tuple[list[_Media], torch.Tensor | None]:
-        """The pass's items of one kind and their grids, encoded here when the pass brings their pixels.
-
-        ``kwargs`` is updated (pixels replaced by ``mm_encoder_outputs``). ``generate`` encodes first
-        and drops the grids from the pass's arguments; each encoding carries its own items and grids.
-        """
-        pixels_name = "pixel_values" if kind == "image" else "pixel_values_videos"
-        grid = kwargs.get(f"{kind}_grid_thw")
-        encoded = kwargs.get("mm_encoder_outputs") or {}
-        if kwargs.get(pixels_name) is not None:
-            if grid is None:
-                raise ValueError(f"FlowCut's Qwen path needs {kind}_grid_thw (the processor returns it)")
-            output = self.encode(kind, kwargs[pixels_name], grid)
-            kwargs[pixels_name] = None
-            kwargs["mm_encoder_outputs"] = {**encoded, kind: output}
-            return encoded_media(output, kind)
-        if encoded.get(kind) is None:
-            return [], None
-        return encoded_media(encoded[kind], kind)
-
-    def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-        """Encode the media first (so their kept cells are known), fix the positions, prepare the pruner.
-
-        ``generate`` encodes images and videos itself (through this instance's ``get_*_features``)
-        before the prefill and passes ``mm_encoder_outputs``; a plain forward pass brings the pixels.
-        """
-        kwargs = dict(kwargs)
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = compat.cache_argument(kwargs)
-        if self.pruner is not None:
-            self.pruner.refuse_static_cache(cache, self.config.method)
-        if compat.cache_length(cache) > 0:
-            return args, kwargs  # decoding: the prompt's pruning is already in place
-        if input_ids is not None:  # explain a prompt made for the unpruned model before anything is encoded
-            planned = {kind: self._media(kwargs.get(f"{kind}_grid_thw")) for kind in ("image", "video")}
-            self._check_placeholders(input_ids, planned["image"], planned["video"])
-        (images, image_grid_thw), (videos, video_grid_thw) = (self._pass_media(k, kwargs) for k in ("image", "video"))
-        encodings = (kwargs.get("mm_encoder_outputs") or {}).values()
-        prompt = None
-        if images or videos:
-            timed = total_scoring_seconds(*(encoding_scoring(encoding) for encoding in encodings))
-            prompt = _Prompt(images, videos, image_grid_thw, video_grid_thw, timed)
-        if prompt is not None and input_ids is not None:
-            self._check_placeholders(input_ids, prompt.images, prompt.videos)
-            if any(item.kept_units is not None for item in prompt.media):
-                self._fix_positions(input_ids, kwargs, prompt)
-        language_prunes = prompt is not None and any(item.budget < item.placeholders for item in prompt.media)
-        if self.pruner is not None:
-            if input_ids is None:
-                raise ValueError(f"method {self.config.method!r} needs input_ids to find the visual tokens")
-            token_types = kwargs.get("mm_token_type_ids")
-            visual = torch.isin(
-                input_ids, torch.tensor([self.image_token_id, self.video_token_id], device=input_ids.device)
+    def media_kinds(self) -> list[MediaKind]:
+        pixels = {"image": "pixel_values", "video": "pixel_values_videos"}
+        token_ids = {"image": self.image_token_id, "video": self.video_token_id}
+        return [
+            MediaKind(
+                kind, token_ids[kind], pixels[kind], partial(self._encode_pass_kind, kind), partial(self._planned, kind)
             )
-            if token_types is not None:
-                visual = (token_types == IMAGE) | (token_types == VIDEO)
-            layout = prompt_layout(input_ids, kwargs.get("attention_mask"), visual, images_key(kwargs))
-            prefill = None
-            if layout.visual.any() and language_prunes:
-                media = {self.image_token_id: prompt.images, self.video_token_id: prompt.videos}
-                prefill = media_prefill(layout, media, partial(self._language_trace, prompt))
-            self.pruner.start_prefill(prefill)
-        if prompt is not None and not (self.pruner is not None and language_prunes):
-            self._stock_trace(prompt)
-        return args, kwargs
+            for kind in ("image", "video")
+        ]
 
-    def _fix_positions(self, input_ids: torch.Tensor, kwargs: dict[str, Any], prompt: _Prompt) -> None:
+    def _encode_pass_kind(self, kind: str, kwargs: dict[str, Any]) -> Any:
+        pixels = kwargs["pixel_values" if kind == "image" else "pixel_values_videos"]
+        grid = kwargs.get(f"{kind}_grid_thw")
+        if grid is None:
+            raise ValueError(f"FlowCut's Qwen path needs {kind}_grid_thw (the processor returns it)")
+        return self.encode(kind, pixels, grid)
+
+    def _planned(self, kind: str, kwargs: dict[str, Any]) -> list[_Media]:
+        return self._media(kwargs.get(f"{kind}_grid_thw"))
+
+    def visual_tokens(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Where the processor marks the visual tokens (``mm_token_type_ids``), a generated placeholder id is text."""
+        token_types = kwargs.get("mm_token_type_ids")
+        if token_types is None:
+            return super().visual_tokens(input_ids, kwargs)
+        return (token_types == IMAGE) | (token_types == VIDEO)
+
+    def adjust_pass(self, input_ids: torch.Tensor, kwargs: dict[str, Any], media: PassMedia) -> None:
         """Give the kept visual tokens their own grid positions (M-RoPE) in this pass's position ids."""
+        if all(item.kept_units is None for item in media.all_items):
+            return
         token_types = kwargs.get("mm_token_type_ids")
         if token_types is None:
             raise ValueError("Qwen's M-RoPE positions need mm_token_type_ids (the processor returns them)")
@@ -430,15 +347,15 @@ class QwenFamily:
         if kwargs.get("second_per_grid_ts") is not None:
             extra["second_per_grid_ts"] = kwargs["second_per_grid_ts"]
         positions, deltas = self.rope_index(
-            self._stock_rope_index,
+            self.stock["get_rope_index"],
             input_ids,
             token_types,
-            prompt.image_grid_thw,
-            prompt.video_grid_thw,
+            media.extra("image"),
+            media.extra("video"),
             attention_mask=kwargs.get("attention_mask"),
             kept_units={
-                IMAGE: [item.kept_units for item in prompt.images],
-                VIDEO: [item.kept_units for item in prompt.videos],
+                IMAGE: [item.kept_units for item in media.items("image")],
+                VIDEO: [item.kept_units for item in media.items("video")],
             },
             **extra,
         )
@@ -447,12 +364,6 @@ class QwenFamily:
             positions = torch.cat([given[:1], positions.to(given.device)], dim=0)  # row 0: text positions for masks
         kwargs["position_ids"] = positions
         self.base.rope_deltas = deltas
-
-    def _check_placeholders(self, input_ids: torch.Tensor, images: list[_Media], videos: list[_Media]) -> None:
-        """Explain a placeholder count that was made for the unpruned model before the model's own check fails."""
-        check_media_placeholders(
-            input_ids, [(self.image_token_id, images, "image"), (self.video_token_id, videos, "video")]
-        )
 
     # -- traces -------------------------------------------------------------------------------
 
@@ -468,58 +379,41 @@ class QwenFamily:
                 traces.append(replace(item.encoder_slices[index], kept_indices=inside))
         return traces
 
-    def _publish(
-        self, prompt: _Prompt, kept_cells: dict[int, list[torch.Tensor]], positions: torch.Tensor | None
-    ) -> None:
+    def publish(self, media: PassMedia, kept: Kept | None, positions: torch.Tensor | None) -> None:
         """The trace of a pass: images (one slice each) and videos (per slice), with unpruned/entering/kept counts."""
-        image_traces = [
-            self._slice_traces(item, cells)[0] for item, cells in zip(prompt.images, kept_cells[IMAGE], strict=True)
-        ]
-        video_traces = [
-            self._slice_traces(item, cells) for item, cells in zip(prompt.videos, kept_cells[VIDEO], strict=True)
-        ]
+
+        def kept_cells(kind: str) -> list[torch.Tensor]:
+            items = media.items(kind)
+            masks = (kept or {}).get(kind) or [None] * len(items)
+            cells = []
+            for item, mask in zip(items, masks, strict=True):
+                entering = torch.arange(item.cells) if item.kept_units is None else item.kept_units
+                cells.append(entering if mask is None else entering[mask.cpu()])
+            return cells
 
         def tokens(items: list[_Media], cells: list[torch.Tensor]) -> list[tuple[int, int, int]]:
             return [(item.cells, item.placeholders, len(kept)) for item, kept in zip(items, cells, strict=True)]
 
+        images, videos = media.items("image"), media.items("video")
+        image_cells, video_cells = kept_cells("image"), kept_cells("video")
+        image_traces = [self._slice_traces(item, cells)[0] for item, cells in zip(images, image_cells, strict=True)]
+        video_traces = [self._slice_traces(item, cells) for item, cells in zip(videos, video_cells, strict=True)]
+        seconds = media.scoring_seconds
         trace = PruningTrace(
             image_traces,
-            prompt.media[0].grid,
+            media.all_items[0].grid,
             self.config.keep,
             self.encoder.num_layers - 1,
             positions,
-            tokens(prompt.images, kept_cells[IMAGE]),
-            image_grids=[item.grid for item in prompt.images],
-            videos=video_traces if prompt.videos else None,
-            video_keep=self.config.keep if prompt.videos else None,
-            video_tokens=tokens(prompt.videos, kept_cells[VIDEO]) if prompt.videos else None,
-            video_grids=[item.grid for item in prompt.videos] if prompt.videos else None,
-            scoring_ms=None if prompt.scoring_seconds is None else 1000 * prompt.scoring_seconds,
+            tokens(images, image_cells),
+            image_grids=[item.grid for item in images],
+            videos=video_traces if videos else None,
+            video_keep=self.config.keep if videos else None,
+            video_tokens=tokens(videos, video_cells) if videos else None,
+            video_grids=[item.grid for item in videos] if videos else None,
+            scoring_ms=None if seconds is None else 1000 * seconds,
         )
         self.on_trace(trace)
-
-    def _stock_trace(self, prompt: _Prompt) -> None:
-        """The trace of a pass that the language model did not prune: what the encoder kept, or everything."""
-        kept = {
-            kind: [torch.arange(item.cells) if item.kept_units is None else item.kept_units for item in items]
-            for kind, items in ((IMAGE, prompt.images), (VIDEO, prompt.videos))
-        }
-        self._publish(prompt, kept, None)
-
-    def _language_trace(
-        self, prompt: _Prompt, positions: torch.Tensor, kept: list[tuple[tuple[int, int], torch.Tensor]]
-    ) -> None:
-        """Trace of a language-model prune: each item's surviving tokens as merged-grid cells."""
-        kept_cells: dict[int, list[torch.Tensor | None]] = {
-            IMAGE: [None] * len(prompt.images),
-            VIDEO: [None] * len(prompt.videos),
-        }
-        for (token_id, index), mask in kept:
-            kind = IMAGE if token_id == self.image_token_id else VIDEO
-            item = (prompt.images if kind == IMAGE else prompt.videos)[index]
-            cells = torch.arange(item.placeholders) if item.kept_units is None else item.kept_units
-            kept_cells[kind][index] = cells[mask.cpu()]
-        self._publish(prompt, kept_cells, positions)
 
     # -- processor side ---------------------------------------------------------------------
 

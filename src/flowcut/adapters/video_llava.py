@@ -21,13 +21,15 @@ import torch
 from transformers import VideoLlavaForConditionalGeneration
 
 from flowcut import compat
-from flowcut.adapters.clip import ClipEncoderAdapter
-from flowcut.adapters.llava import LlavaFamily, feature_layer_index
-from flowcut.adapters.processor import adapt_processor, check_placeholder_count
+from flowcut.adapters.clip import ClipEncoderAdapter, feature_layer_index
+from flowcut.adapters.llava import LlavaFamily, stock_image_trace
+from flowcut.adapters.processor import adapt_processor
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace
 from flowcut.methods import EncoderCall
-from flowcut.runtime.encoding import MediaEncoding, encoding_scoring, media_encoding, total_scoring_seconds
+from flowcut.runtime.encoding import media_encoding, total_scoring_seconds
+from flowcut.runtime.family import Handler
+from flowcut.runtime.media import Kept, MediaItem, MediaKind, PassMedia
 from flowcut.trace import PruningTrace
 
 
@@ -68,42 +70,50 @@ class VideoLlavaFamily(LlavaFamily):
 
     # -- model side -------------------------------------------------------------------------
 
-    def install(self) -> None:
-        """Route this instance's image and video features through FlowCut."""
-        super().install()
-        family = self
+    def entry_points(self) -> dict[str, Handler]:
+        """This instance's image and video features go through FlowCut."""
+        return {**super().entry_points(), "get_video_features": self.video_features}
 
-        def wrap(stock: Callable[..., Any]) -> Callable[..., Any]:
-            def get_video_features(
-                pixel_values_videos: torch.Tensor, vision_feature_layer: int | list[int] | None = None, **kwargs: Any
-            ) -> compat.EncoderOutput | tuple:
-                """Video features pruned frame by frame (installed by flowcut.apply on this instance)."""
-                return family.video_features(stock, pixel_values_videos, vision_feature_layer, **kwargs)
+    def video_item(self, frames: int) -> MediaItem:
+        """A video's token counts (no decoder layer prunes videos)."""
+        tokens = self.video_tokens(frames)
+        return MediaItem(self.stock_video_tokens(frames), tokens, tokens)
 
-            return get_video_features
+    def media_kinds(self) -> list[MediaKind]:
+        video = MediaKind(
+            "video", self.video_token_id, "pixel_values_videos", self._encode_videos, self._planned_videos
+        )
+        return [*super().media_kinds(), video]
 
-        self.patch.override(self.base, "get_video_features", wrap)
+    def _encode_videos(self, kwargs: dict[str, Any]) -> Any:
+        layer = kwargs.get("vision_feature_layer")
+        return self.base.get_video_features(kwargs["pixel_values_videos"], vision_feature_layer=layer)
+
+    def _planned_videos(self, kwargs: dict[str, Any]) -> list[MediaItem]:
+        videos = kwargs.get("pixel_values_videos")
+        return [] if videos is None else [self.video_item(videos.shape[1])] * videos.shape[0]
 
     def video_features(
         self,
         stock: Callable[..., Any],
         pixel_values_videos: torch.Tensor,
-        vision_feature_layer: Any,
+        vision_feature_layer: Any = None,
         **kwargs: Any,
     ) -> compat.EncoderOutput | tuple:
         """FlowCut's replacement for ``VideoLlavaModel.get_video_features``: each frame's share of the budget."""
         layer = self.model.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         feature_layer = feature_layer_index(layer, self.video_encoder.num_layers)
         videos, frames = pixel_values_videos.shape[:2]
-        per_video = self.video_tokens(frames)
-        patches = self.video_encoder.num_patches
-        if per_video == self.stock_video_tokens(frames):
+        item = self.video_item(frames)
+        patches, layers = self.video_encoder.num_patches, self.video_encoder.num_layers
+        if item.placeholders == item.stock_tokens:
             output = stock(pixel_values_videos=pixel_values_videos, vision_feature_layer=vision_feature_layer, **kwargs)
-            frame_traces = [self._stock_image_trace(torch.arange(patches)) for _ in range(frames)]
-            self.on_trace(self._pass_trace([], [frame_traces] * videos, feature_layer))
-            return media_encoding(output, ([frame_traces] * videos, None))
+            frame_traces = [stock_image_trace(torch.arange(patches), layers, patches) for _ in range(frames)]
+            media = ([item] * videos, ([frame_traces] * videos, feature_layer))
+            self.publish(PassMedia({"video": media}), None, None)
+            return media_encoding(output, media)
 
-        budgets = frame_budgets(per_video, frames, patches) * videos
+        budgets = frame_budgets(item.placeholders, frames, patches) * videos
         pixels = pixel_values_videos.flatten(0, 1)
         features: list[torch.Tensor | None] = [None] * len(budgets)
         traces: list[ImageTrace | None] = [None] * len(budgets)
@@ -115,7 +125,7 @@ class VideoLlavaFamily(LlavaFamily):
                 encoded = stock(pixel_values_videos=pixels[chosen].unsqueeze(1), vision_feature_layer=layer, **kwargs)
                 for row, frame in enumerate(chosen):
                     features[frame] = encoded.pooler_output[row, 1:]
-                    traces[frame] = self._stock_image_trace(torch.arange(patches))
+                    traces[frame] = stock_image_trace(torch.arange(patches), layers, patches)
                 continue
             call = EncoderCall(
                 replace(self.config, keep=budget),
@@ -130,32 +140,32 @@ class VideoLlavaFamily(LlavaFamily):
             for row, frame in enumerate(chosen):
                 features[frame], traces[frame] = selected.features[row], selected.images[row]
             scoring_seconds = total_scoring_seconds(scoring_seconds, selected.scoring_seconds)
-        video_features = torch.cat(features).view(videos, per_video, -1)
+        video_features = torch.cat(features).view(videos, item.placeholders, -1)
         frame_traces = [traces[video * frames : (video + 1) * frames] for video in range(videos)]
-        self.on_trace(self._pass_trace([], frame_traces, feature_layer, scoring_seconds))
+        media = ([item] * videos, (frame_traces, feature_layer))
+        self.publish(PassMedia({"video": media}, scoring_seconds), None, None)
         output = compat.encoder_output(pooler_output=video_features)
         if not kwargs.get("return_dict", True):
             return output.to_tuple()
-        return media_encoding(output, (frame_traces, None), scoring_seconds)
+        return media_encoding(output, media, scoring_seconds)
 
-    def _pass_trace(
-        self,
-        images: list[ImageTrace],
-        videos: list[list[ImageTrace]],
-        feature_layer: int,
-        scoring_seconds: float | None = None,
-    ) -> PruningTrace:
-        """The trace of a pass's images and videos (frame by frame)."""
+    def publish(self, media: PassMedia, kept: Kept | None, positions: torch.Tensor | None) -> None:
+        """One trace of a pass's images and videos (frame by frame); a pass of images only as LLaVA-1.5's."""
+        if not media.items("video"):
+            super().publish(media, kept, positions)
+            return
+        images, _ = media.extra("image") or ([], None)
+        videos, feature_layer = media.extra("video")
         grid, keep = self.video_encoder.grid_size, self.config.keep
         trace = PruningTrace(images, grid, keep, feature_layer, videos=videos, video_keep=self.video_keep)
-        if scoring_seconds is not None:
-            trace.scoring_ms = 1000 * scoring_seconds
-        return trace
+        if media.scoring_seconds is not None:
+            trace.scoring_ms = 1000 * media.scoring_seconds
+        self.on_trace(trace)
 
-    def _before_forward(
+    def before_forward(
         self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
     ) -> tuple[tuple, dict[str, Any]] | None:
-        """Refuse videos for language-stage methods, check the video placeholders, then the images'."""
+        """Refuse videos for language-stage methods; the rest as every family."""
         has_video = kwargs.get("pixel_values_videos") is not None or bool(
             (kwargs.get("mm_encoder_outputs") or {}).get("video")
         )
@@ -164,50 +174,7 @@ class VideoLlavaFamily(LlavaFamily):
                 f"method {self.config.method!r} prunes inside the language model and covers images only on "
                 "Video-LLaVA; prune videos with an encoder-stage method (flowcut, visionzip, divprune, pool, random)"
             )
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        videos = kwargs.get("pixel_values_videos")
-        if input_ids is not None and videos is not None:
-            count, frames = videos.shape[:2]
-            placeholders = int((input_ids == self.video_token_id).sum())
-            expected, stock = count * self.video_tokens(frames), count * self.stock_video_tokens(frames)
-            check_placeholder_count(placeholders, expected, stock, images=count, kind="video")
-        super()._before_forward(module, args, kwargs)
-        if compat.cache_length(compat.cache_argument(kwargs)) > 0:
-            return None
-        return self._encode_videos(args, kwargs)
-
-    def _encode_videos(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
-        """Encode a pass that holds videos here, and publish one trace of its images and videos.
-
-        ``generate`` brings the pass's encodings (``mm_encoder_outputs``); a plain forward pass brings
-        pixels, encoded here through this instance's ``get_*_features`` the same way. Each encoding
-        carries its own traces, so the pass's trace is built from its encodings alone. Passes without
-        videos are LLaVA-1.5's (their image encoding publishes the trace).
-        """
-        encoded = dict(kwargs.get("mm_encoder_outputs") or {})
-        videos, pixels = kwargs.get("pixel_values_videos"), kwargs.get("pixel_values")
-        if videos is None and encoded.get("video") is None:
-            return None
-        kwargs = dict(kwargs)
-        layer = kwargs.get("vision_feature_layer")
-        if videos is not None:
-            encoded["video"] = self.base.get_video_features(videos, vision_feature_layer=layer)
-            kwargs["pixel_values_videos"] = None
-            if pixels is not None:  # the model takes either pixels or encodings, not both
-                strategy = kwargs.get("vision_feature_select_strategy")
-                encoded["image"] = self.base.get_image_features(
-                    pixels, vision_feature_layer=layer, vision_feature_select_strategy=strategy
-                )
-                kwargs["pixel_values"] = None
-        kwargs["mm_encoder_outputs"] = encoded
-        image, video = encoded.get("image"), encoded["video"]
-        if isinstance(video, MediaEncoding) and (image is None or isinstance(image, MediaEncoding)):
-            images = [] if image is None else image.media[0]
-            seconds = total_scoring_seconds(encoding_scoring(image), encoding_scoring(video))
-            layer = self.model.config.vision_feature_layer if layer is None else layer
-            feature_layer = feature_layer_index(layer, self.video_encoder.num_layers)
-            self.on_trace(self._pass_trace(images, video.media[0], feature_layer, seconds))
-        return args, kwargs
+        return super().before_forward(module, args, kwargs)
 
     # -- processor side ---------------------------------------------------------------------
 
@@ -225,9 +192,10 @@ class VideoLlavaFamily(LlavaFamily):
     def _video_placeholders(self, stock_count: int, video_inputs: dict, index: int) -> int:
         """Placeholders for video ``index`` of ``video_inputs``, which the processor would give ``stock_count``."""
         frames = len(video_inputs["pixel_values_videos"][index])
-        if stock_count != self.stock_video_tokens(frames):
+        item = self.video_item(frames)
+        if stock_count != item.stock_tokens:
             raise ValueError(
                 f"the processor makes {stock_count} video tokens for {frames} frames but the video tower gives "
-                f"{self.stock_video_tokens(frames)}: processor and model do not match"
+                f"{item.stock_tokens}: processor and model do not match"
             )
-        return self.video_tokens(frames)
+        return item.placeholders

@@ -46,7 +46,8 @@ class BenchSetting:
 
     def config(self) -> FlowCutConfig:
         """The pruning configuration of a method setting (FlowCut also times its own scoring)."""
-        return FlowCutConfig(keep=self.keep, method=self.method, time_scoring=self.method == "flowcut")
+        timed = self.method is not None and "time_scoring" in get_method(self.method).settings
+        return FlowCutConfig(keep=self.keep, method=self.method, time_scoring=timed)
 
 
 @dataclass
@@ -246,7 +247,7 @@ def benchmark(
                     vision_ms, _ = timed(encode)
                     prefill_ms, output = timed(_prefill(model, inputs))
                     # The prefill's encoder pass is the encoder call's work again; every family traces a prefill.
-                    scoring_ms = handle.last_trace.scoring_ms if setting.method == "flowcut" else None
+                    scoring_ms = handle.last_trace.scoring_ms if handle and handle.config.time_scoring else None
                     if generate:
                         generate_ms, _ = timed(partial(model.generate, **inputs, **generation))
                         first_token_ms, _ = timed(partial(model.generate, **inputs, **one_token))

@@ -133,6 +133,9 @@ class Method:
     layer after which visual tokens are pruned."""
     language_score: ClassVar[str] = "attention"
     """The score used there: one of :data:`flowcut.core.language_stage.SCORES`."""
+    settings: ClassVar[frozenset[str]] = frozenset()
+    """The :class:`~flowcut.config.FlowCutConfig` settings of its own that the method reads (FlowCut's
+    schedule, criteria, ``record_scores``, ``time_scoring``, …); others refuse them."""
     finishes_in_language_model: ClassVar[bool] = False
     """Encoder methods in two-stage families: True where the encoder stage keeps more than ``T`` and a
     decoder layer finishes at ``T`` (FlowCut, SPEC §4); False where the encoder stage keeps ``T`` itself

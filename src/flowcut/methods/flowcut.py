@@ -33,6 +33,9 @@ class FlowCut(Method):
     language_score = "flowcut"
     """Two-stage families (LLaVA-NeXT, Qwen2-VL) finish in the language model with SPEC §3's score."""
     finishes_in_language_model = True
+    settings = frozenset(
+        {"schedule", "counts", "criteria", "prune_interval", "ema_weight", "record_scores", "time_scoring"}
+    )
 
     def run(self, call: EncoderCall) -> MethodOutput:
         settings = stage_settings(call.config, call.config.keep, call.feature_layer)

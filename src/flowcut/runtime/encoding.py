@@ -23,6 +23,8 @@ class MediaEncoding(compat.EncoderOutput):
     """The family's description of the encoded items (one entry per item in ``media[0]``)."""
     scoring_seconds: float | None = None
     """With ``time_scoring``: seconds the encoder stage spent scoring and selecting."""
+    rows: int | None = None
+    """``len(pooler_output)`` as encoded (per item, or per video frame as Video-LLaVA's stock path gives)."""
 
 
 def media_encoding(output: Any, media: tuple[Any, Any], scoring_seconds: float | None = None) -> Any:
@@ -32,7 +34,8 @@ def media_encoding(output: Any, media: tuple[Any, Any], scoring_seconds: float |
     """
     if not isinstance(output, compat.EncoderOutput):
         return output
-    return MediaEncoding(**dict(output.items()), media=media, scoring_seconds=scoring_seconds)
+    rows = len(output.pooler_output)
+    return MediaEncoding(**dict(output.items()), media=media, scoring_seconds=scoring_seconds, rows=rows)
 
 
 def encoded_media(encoding: Any, kind: str) -> Any:
@@ -44,9 +47,9 @@ def encoded_media(encoding: Any, kind: str) -> Any:
             "encodings per chunk, which FlowCut's two-stage families do not support)"
         )
     media = encoding.media
-    if len(encoding.pooler_output) != len(media[0]):
+    if len(encoding.pooler_output) != encoding.rows:
         raise ValueError(
-            f"{len(encoding.pooler_output)} {kind} encodings for {len(media[0])} encoded {kind}s: generate with "
+            f"{len(encoding.pooler_output)} {kind} encodings for {encoding.rows} encoded: generate with "
             "num_beams > 1 or num_return_sequences > 1 repeats them, which FlowCut's two-stage families do not "
             "support yet"
         )

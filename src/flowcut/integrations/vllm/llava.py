@@ -29,7 +29,7 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from flowcut.adapters.llava import check_select_strategy, feature_layer_index
+from flowcut.adapters.clip import check_select_strategy, feature_layer_index
 from flowcut.config import FlowCutConfig, tokens_to_keep, validate_keep
 from flowcut.core.encoder_stage import EncoderStageSettings, run_encoder_stage
 from flowcut.integrations.vllm import FLOWCUT_LLAVA_ARCHITECTURE
