@@ -8,11 +8,11 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import make_image
-from flowcut.bench.flops import prefill_flops, vision_flops
-from flowcut.bench.run import BenchSetting, benchmark, environment, model_shapes, to_markdown
-from flowcut.cli import app
 from flowcut.config import FlowCutConfig
 from flowcut.testing import build_tiny_llava, save_tiny_llava
+from flowcut.tools.bench.flops import prefill_flops, vision_flops
+from flowcut.tools.bench.run import BenchSetting, benchmark, environment, model_shapes, to_markdown
+from flowcut.tools.cli import app
 
 KEEP = 16
 
@@ -95,7 +95,7 @@ def test_cli_bench_writes_markdown_and_json(tmp_path):
 
 
 def test_preset_has_the_published_shapes_and_runs_in_smoke_mode(tmp_path):
-    from flowcut.bench.presets import PRESETS, build_preset
+    from flowcut.tools.bench.presets import PRESETS, build_preset
 
     shapes = PRESETS["llava-1.5-7b"]
     assert (shapes.vision_hidden, shapes.vision_layers, shapes.image_size // shapes.patch_size) == (1024, 24, 24)
@@ -148,7 +148,7 @@ def test_two_stage_presets_run_in_smoke_mode_at_their_reference_resolution(tmp_p
 
 
 def test_two_stage_preset_shapes_are_the_published_ones():
-    from flowcut.bench.presets import PRESETS, build_preset
+    from flowcut.tools.bench.presets import PRESETS, build_preset
 
     next_7b, qwen = PRESETS["llava-next-7b"], PRESETS["qwen2-vl-7b"]
     assert (next_7b.vision_hidden, next_7b.text_hidden, next_7b.picture_size) == (1024, 4096, 672)
@@ -165,8 +165,8 @@ def test_two_stage_traces_carry_the_scoring_time_through_generate(family):
     import torch
 
     import flowcut
-    from flowcut.prompting import prompt_inputs
     from flowcut.testing import build_tiny_llava_next, build_tiny_qwen
+    from flowcut.tools.prompting import prompt_inputs
 
     if family == "qwen2-vl":
         model, processor = build_tiny_qwen("2", max_pixels=64 * 64)
@@ -184,8 +184,8 @@ def test_two_stage_traces_carry_the_scoring_time_through_generate(family):
 
 def test_families_without_a_flop_model_are_timed_with_flops_left_out():
     """Qwen2.5-VL's windowed attention has no analytic count yet: its FLOP cells say "–", nothing is made up."""
-    from flowcut.bench.run import to_dict
     from flowcut.testing import build_tiny_qwen
+    from flowcut.tools.bench.run import to_dict
 
     model, processor = build_tiny_qwen("2.5", max_pixels=64 * 64)
     settings = [BenchSetting(None), BenchSetting("flowcut", 4)]
@@ -221,8 +221,8 @@ def test_video_that_takes_the_stock_path_counts_every_frame_whole():
 def test_encoder_baselines_on_two_stage_families_project_only_their_kept_units(family, method):
     """The encoder ran unpruned up to its feature layer (LLaVA-NeXT: no later layer, no crop without a share),
     but only the kept units reach the projector."""
-    from flowcut.bench.flops import projector_flops
     from flowcut.testing import build_tiny_llava_next, build_tiny_qwen
+    from flowcut.tools.bench.flops import projector_flops
 
     if family == "qwen2-vl":
         model, processor = build_tiny_qwen("2", max_pixels=64 * 64)

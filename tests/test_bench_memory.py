@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from conftest import make_image
-from flowcut.bench.memory import LiveTensorBytes, peak_bytes
-from flowcut.bench.run import BenchSetting, benchmark
+from flowcut.tools.bench.memory import LiveTensorBytes, peak_bytes
+from flowcut.tools.bench.run import BenchSetting, benchmark
 
 MIB = 2**20
 

@@ -6,8 +6,6 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import make_image
-from flowcut.cli import app
-from flowcut.prompting import build_prompt
 from flowcut.testing import (
     build_processor,
     build_tiny_llava_next,
@@ -15,6 +13,8 @@ from flowcut.testing import (
     build_tiny_qwen,
     save_tiny_llava,
 )
+from flowcut.tools.cli import app
+from flowcut.tools.prompting import build_prompt
 
 runner = CliRunner()
 
@@ -146,8 +146,8 @@ def test_generate_on_families_whose_processors_need_torchvision_to_load(family, 
         built = build_tiny_llava_onevision(text_layers=4)
     else:
         built = build_tiny_qwen(family.removeprefix("qwen"))
-    monkeypatch.setattr("flowcut.cli.load_model", lambda *args: built)
-    monkeypatch.setattr("flowcut.cli._model_source", lambda model: "tiny")
+    monkeypatch.setattr("flowcut.tools.cli.load_model", lambda *args: built)
+    monkeypatch.setattr("flowcut.tools.cli._model_source", lambda model: "tiny")
     image = tmp_path / "wide.png"
     make_image(0, size=84).resize((150, 60)).save(image)
     arguments = ["generate", "--image", str(image), "--prompt", "what colour ?", "--keep", "0.2"]

@@ -145,7 +145,7 @@ def test_processor_shared_by_two_handles(images):
 
 
 def test_recording_attention_outside_a_pass():
-    from flowcut.adapters.attention import _recording_attention
+    from flowcut.runtime.attention import _recording_attention
 
     q = torch.zeros(1, 1, 2, 4)
     with pytest.raises(RuntimeError, match="runs only inside FlowCut's own encoder pass"):

@@ -10,10 +10,12 @@ from typer.testing import CliRunner
 
 import flowcut
 from flowcut import compat
-from flowcut.cli import DEFAULT_METHODS as CLI_METHODS
-from flowcut.cli import app
 from flowcut.data.shapes import object_patches, samples
-from flowcut.evaluate import (
+from flowcut.methods.random_sample import random_patches
+from flowcut.testing import build_tiny_llava, save_tiny_llava
+from flowcut.tools.cli import DEFAULT_METHODS as CLI_METHODS
+from flowcut.tools.cli import app
+from flowcut.tools.evaluate import (
     METHODS,
     EvalReport,
     Result,
@@ -24,9 +26,7 @@ from flowcut.evaluate import (
     last_token_logits,
     settings_for,
 )
-from flowcut.methods.random_sample import random_patches
-from flowcut.prompting import build_prompt
-from flowcut.testing import build_tiny_llava, save_tiny_llava
+from flowcut.tools.prompting import build_prompt
 
 
 def test_settings_unpruned_first_then_methods_by_budget():

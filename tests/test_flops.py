@@ -9,10 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import flowcut
 from conftest import make_image
 from flowcut import compat
-from flowcut.bench.flops import TextShape, VisionShape, prefill_flops, scoring_flops, vision_layer_flops
-from flowcut.bench.run import BenchSetting, _result
-from flowcut.prompting import prompt_inputs
 from flowcut.testing import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen
+from flowcut.tools.bench.flops import TextShape, VisionShape, prefill_flops, scoring_flops, vision_layer_flops
+from flowcut.tools.bench.run import BenchSetting, _result
+from flowcut.tools.prompting import prompt_inputs
 
 PROMPT = "USER: <image>\nwhat colour is the circle ? ASSISTANT:"
 

@@ -231,7 +231,7 @@ def test_the_delegated_attention_sees_its_own_implementation_name():
     # FlashAttention reads its name from the module's config; the recording pass must not hide it.
     from types import SimpleNamespace
 
-    from flowcut.adapters.attention import RECORDING_ATTENTION, _recording_attention
+    from flowcut.runtime.attention import RECORDING_ATTENTION, _recording_attention
 
     module = SimpleNamespace(config=SimpleNamespace(_attn_implementation=RECORDING_ATTENTION))
     seen = []
@@ -265,7 +265,7 @@ def test_fastv_keeps_the_same_tokens_and_answer_under_left_or_right_padding(deep
 
 
 def test_fillers_are_hidden_in_every_mask_form():
-    from flowcut.adapters.language import _hide_fillers
+    from flowcut.runtime.language import _hide_fillers
 
     filler = torch.tensor([[False, True, False], [False, False, False]])
     states = torch.zeros(2, 1, 4)  # one decoding step after a 3-token pruned prompt

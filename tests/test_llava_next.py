@@ -10,8 +10,8 @@ from PIL import Image
 
 import flowcut
 from conftest import picture
-from flowcut.adapters.clip import ClipEncoderAdapter
 from flowcut.core.encoder_stage import EncoderStageSettings, run_encoder_stage
+from flowcut.families.clip import ClipEncoderAdapter
 from flowcut.testing import build_tiny_llava_next
 
 PROMPT = "USER: <image>\nwhat is the colour ? ASSISTANT:"
@@ -156,7 +156,7 @@ def test_clear_errors(next_model):
 
 
 def test_left_and_right_padding_give_the_same_next_token(next_model):
-    from flowcut.evaluate import last_token_logits
+    from flowcut.tools.evaluate import last_token_logits
 
     model, processor = next_model
     processor = copy.deepcopy(processor)

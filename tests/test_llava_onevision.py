@@ -9,8 +9,8 @@ import torch
 
 import flowcut
 from conftest import picture
-from flowcut.adapters.clip import SiglipEncoderAdapter
 from flowcut.core.encoder_stage import EncoderStageSettings, run_encoder_stage
+from flowcut.families.clip import SiglipEncoderAdapter
 from flowcut.testing import build_tiny_llava_onevision
 
 ONE = "USER: <image>\nwhat is the colour ? ASSISTANT:"

@@ -18,8 +18,8 @@ from conftest import picture
 from flowcut.config import FlowCutConfig
 from flowcut.data.shapes import samples
 from flowcut.integrations import lmms_eval as integration
-from flowcut.prompting import prompt_inputs
 from flowcut.testing import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen
+from flowcut.tools.prompting import prompt_inputs
 
 HAS_LMMS_EVAL = importlib.util.find_spec("lmms_eval") is not None
 

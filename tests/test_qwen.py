@@ -10,8 +10,8 @@ from PIL import Image
 
 import flowcut
 from conftest import picture
-from flowcut.adapters.qwen_vision import QwenVisionAdapter
 from flowcut.core.encoder_stage import EncoderStageSettings, run_encoder_stage
+from flowcut.families.qwen_vision import QwenVisionAdapter
 from flowcut.testing import build_tiny_qwen
 
 VERSIONS = ("2", "2.5")
@@ -236,7 +236,7 @@ def test_eager_and_sdpa_keep_the_same_cells(version):
 
 
 def test_left_and_right_padding_give_the_same_next_token(qwen):
-    from flowcut.evaluate import last_token_logits
+    from flowcut.tools.evaluate import last_token_logits
 
     model, processor = qwen
     processor = copy.deepcopy(processor)

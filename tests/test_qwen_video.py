@@ -10,8 +10,8 @@ import torch
 
 import flowcut
 from conftest import picture
-from flowcut.adapters.qwen_vision import QwenVisionAdapter
 from flowcut.core.encoder_stage import EncoderStageSettings, run_encoder_stage
+from flowcut.families.qwen_vision import QwenVisionAdapter
 from flowcut.testing import build_tiny_qwen
 
 VERSIONS = ("2", "2.5")

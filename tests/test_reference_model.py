@@ -15,10 +15,10 @@ import pytest
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 from typer.testing import CliRunner
 
-from flowcut.cli import app
 from flowcut.data.shapes import samples
-from flowcut.evaluate import evaluate, settings_for
 from flowcut.reference import bundled_model_path
+from flowcut.tools.cli import app
+from flowcut.tools.evaluate import evaluate, settings_for
 
 EXAMPLE_IMAGE = Path(__file__).parents[1] / "examples" / "shapes.png"
 GUARD_QUESTIONS = 256

@@ -18,8 +18,8 @@ from PIL import Image
 
 import flowcut
 from conftest import make_image, picture
-from flowcut.adapters.clip import ClipEncoderAdapter
 from flowcut.config import frame_budgets, unit_shares
+from flowcut.families.clip import ClipEncoderAdapter
 from flowcut.methods import UnitCall, get_method, stages
 from flowcut.methods.divprune import max_min_diverse
 from flowcut.methods.pool import cell_centres, pool_patches

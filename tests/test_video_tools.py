@@ -9,12 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import flowcut.cli
+import flowcut.tools.cli
 from conftest import VISION_OPTIONS, make_image
-from flowcut.bench.run import BenchSetting, benchmark
-from flowcut.cli import app
 from flowcut.testing import build_tiny_video_llava
-from flowcut.video import read_frames, sample_indices
+from flowcut.tools.bench.run import BenchSetting, benchmark
+from flowcut.tools.cli import app
+from flowcut.tools.video import read_frames, sample_indices
 
 runner = CliRunner()
 
@@ -78,7 +78,7 @@ def test_cli_bench_runs_the_video_llava_preset(tmp_path):
 
 def test_frame_strip_figure_and_cli(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from flowcut.viz import visualise_video
+    from flowcut.tools.viz import visualise_video
 
     model, processor = build_tiny_video_llava(seed=0, **VISION_OPTIONS)
     figure = visualise_video(model, processor, frames_array(), 18, ["flowcut", "visionzip"], prompt="what is it ?")
@@ -90,7 +90,7 @@ def test_frame_strip_figure_and_cli(tmp_path, monkeypatch):
     assert "get_video_features" not in model.model.__dict__  # every method was removed again
 
     np.save(tmp_path / "clip.npy", frames_array())
-    monkeypatch.setattr(flowcut.cli, "load_model", lambda *args: (model, processor))
+    monkeypatch.setattr(flowcut.tools.cli, "load_model", lambda *args: (model, processor))
     output = tmp_path / "strip.png"
     arguments = ["viz", "--model", "tiny", "--video", str(tmp_path / "clip.npy"), "--frames", "4", "--keep", "18"]
     result = runner.invoke(app, [*arguments, "--output", str(output)])
@@ -107,7 +107,7 @@ def test_frame_strip_figure_and_cli(tmp_path, monkeypatch):
 def test_frame_strip_of_a_two_stage_video_model():
     pytest.importorskip("matplotlib")
     from flowcut.testing import build_tiny_llava_next_video
-    from flowcut.viz import visualise_video
+    from flowcut.tools.viz import visualise_video
 
     model, processor = build_tiny_llava_next_video(seed=0, text_layers=3)
     figure = visualise_video(model, processor, frames_array(), 16, ["flowcut", "fastv"])

@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 import flowcut
 from conftest import make_image
-from flowcut.cli import app
 from flowcut.testing import save_tiny_llava
-from flowcut.viz import PRUNED_BRIGHTNESS, highlight, model_view, visualise
+from flowcut.tools.cli import app
+from flowcut.tools.viz import PRUNED_BRIGHTNESS, highlight, model_view, visualise
 
 pytest.importorskip("matplotlib")
 KEEP = 16

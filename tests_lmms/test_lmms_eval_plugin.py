@@ -23,11 +23,11 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 import flowcut
 from flowcut.config import FlowCutConfig
 from flowcut.data.shapes import samples
-from flowcut.evaluate import first_answers
 from flowcut.integrations import lmms_eval as integration
-from flowcut.prompting import prompt_inputs
 from flowcut.reference import bundled_model_path
 from flowcut.testing import build_tiny_llava_next
+from flowcut.tools.evaluate import first_answers
+from flowcut.tools.prompting import prompt_inputs
 
 MODEL = bundled_model_path()
 CPU = "device=cpu,device_map=cpu"  # lmms-eval's llava_hf defaults to cuda

@@ -7,15 +7,9 @@ from typing import Any
 import torch
 
 from flowcut import compat
-from flowcut.adapters.llava import LlavaFamily
-from flowcut.adapters.llava_next import LlavaNextFamily, LlavaOnevisionFamily
-from flowcut.adapters.qwen import QwenFamily
-from flowcut.adapters.video_llava import VideoLlavaFamily
 from flowcut.config import FlowCutConfig
+from flowcut.families import FAMILIES, family_of
 from flowcut.trace import PruningTrace
-
-FAMILIES = (LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, QwenFamily, VideoLlavaFamily)
-"""Model-family adapters, tried in order against the model's class."""
 
 _HANDLE_ATTRIBUTE = "_flowcut_handle"
 
@@ -29,7 +23,7 @@ class FlowCutHandle:
     """FlowCut installed on one model instance; :meth:`remove` (or leaving a ``with`` block) undoes it."""
 
     def __init__(self, model: torch.nn.Module, config: FlowCutConfig, processor: Any = None) -> None:
-        family = next((f for f in FAMILIES if isinstance(model, f.model_classes)), None)
+        family = family_of(model)
         if family is None:
             raise TypeError(
                 f"FlowCut does not support {type(model).__name__}; supported model classes: "

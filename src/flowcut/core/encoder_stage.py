@@ -159,6 +159,14 @@ class ImageTrace:
     kept_after_prune: list[torch.Tensor] = field(default_factory=list)
     """The patch indices alive after each of ``prune_layers`` (ascending); the last equals ``kept_indices``."""
 
+    @property
+    def units_handed_on(self) -> int:
+        """Units the pass hands to the projector: those alive after its last layer."""
+        last_layer = len(self.tokens_per_layer) - 1
+        if self.prune_layers and self.prune_layers[-1] == last_layer:  # chosen after the last layer ran
+            return len(self.kept_after_prune[-1])
+        return self.tokens_per_layer[-1]
+
 
 @dataclass
 class EncoderStageOutput:

@@ -18,9 +18,13 @@ import torch
 from flowcut.runtime.instance import InstancePatch
 
 if TYPE_CHECKING:
-    from flowcut.adapters.language import DecoderPruner
     from flowcut.config import FlowCutConfig
+    from flowcut.runtime.language import DecoderPruner
     from flowcut.trace import PruningTrace
+
+EncoderWork = tuple[list[list[int]], int | None]
+"""Per encoder pass of a prompt (an image, a crop, a frame, a temporal slice), the patches each layer
+processed; and the units the projector maps where they are not the tokens entering the language model (None)."""
 
 Handler = Callable[..., Any]
 """``handler(stock, **arguments)``: FlowCut's version of an inner-model method; ``stock`` is what it replaces."""
@@ -81,6 +85,16 @@ class ModelFamily:
     def before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
         """The forward pre-hook (``with_kwargs``): check the pass, and return new ``(args, kwargs)`` or None."""
         raise NotImplementedError
+
+    @classmethod
+    def encoder_work(cls, model: torch.nn.Module, trace: PruningTrace | None, inputs: Any) -> EncoderWork | None:
+        """What the vision encoder ran for the one image or video of ``inputs`` (the benchmark's FLOP count).
+
+        ``trace``: the pass's trace, None for the stock model. Passes the trace does not describe (the
+        stock model, or media the encoder stage left whole) ran every layer over every patch. None: the
+        analytic count does not cover this family.
+        """
+        return None
 
     def install(self) -> None:
         """Replace the entry points and hook the forward pass of this instance (never its class)."""

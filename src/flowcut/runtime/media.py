@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from flowcut import compat
-from flowcut.adapters.language import images_key, media_prefill, prompt_layout
-from flowcut.adapters.processor import check_media_placeholders
 from flowcut.runtime.encoding import MediaEncoding, encoded_media, encoding_scoring, total_scoring_seconds
 from flowcut.runtime.family import ModelFamily
+from flowcut.runtime.language import images_key, media_prefill, prompt_layout
+from flowcut.runtime.processor import check_media_placeholders
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from flowcut.adapters.clip import check_select_strategy, feature_layer_index
 from flowcut.config import FlowCutConfig, tokens_to_keep, validate_keep
 from flowcut.core.encoder_stage import EncoderStageSettings, run_encoder_stage
+from flowcut.families.clip import check_select_strategy, feature_layer_index
 from flowcut.integrations.vllm import FLOWCUT_LLAVA_ARCHITECTURE
 from flowcut.integrations.vllm.encoder import VllmClipEncoderAdapter
 from flowcut.methods.flowcut import stage_settings

@@ -22,7 +22,7 @@ from flowcut.config import FlowCutConfig
 from flowcut.core.language_stage import last_real_positions
 from flowcut.core.scoring import entropy_ratio
 from flowcut.data.shapes import GRID, QUESTION_KINDS, Sample, object_patches
-from flowcut.prompting import prompt_inputs
+from flowcut.tools.prompting import prompt_inputs
 
 METHODS = {
     "flowcut": ("FlowCut", {"method": "flowcut"}),

@@ -220,7 +220,7 @@ def visualise(
     """
     import flowcut
     from flowcut.methods import get_method
-    from flowcut.prompting import prompt_inputs
+    from flowcut.tools.prompting import prompt_inputs
 
     if not methods:
         raise ValueError("give at least one method")
@@ -298,7 +298,7 @@ def visualise_video(
     LLaVA-NeXT-Video, LLaVA-OneVision); the model is left as it was.
     """
     import flowcut
-    from flowcut.prompting import video_prompt_inputs
+    from flowcut.tools.prompting import video_prompt_inputs
 
     if not methods:
         raise ValueError("give at least one method")

@@ -4,7 +4,7 @@ Two stages, as SPEC §4 defines them for Qwen2-VL. With a budget of ``T`` tokens
 ``n`` merged tokens:
 
 1. Encoder stage (``method="flowcut"``): the shared progressive stage runs over the vision blocks on
-   2x2 merge groups (see :mod:`flowcut.adapters.qwen_vision`) and keeps ``min(n, 2T)`` groups; the
+   2x2 merge groups (see :mod:`flowcut.families.qwen_vision`) and keeps ``min(n, 2T)`` groups; the
    tower's merger turns them into as many language-model tokens. The processor writes that many
    image placeholders, so the model's own placeholder check stays on.
 2. Language-model stage: after decoder layer 1 each image keeps its best ``T`` tokens (SPEC §3,
@@ -33,15 +33,15 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from flowcut import compat
-from flowcut.adapters.language import decoder_pruner
-from flowcut.adapters.processor import adapt_processor
-from flowcut.adapters.qwen_vision import QwenVisionAdapter
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace
+from flowcut.families.qwen_vision import QwenVisionAdapter
 from flowcut.methods import TWO_STAGE_REASON, UnitCall, available_method, stages, two_stage_methods
 from flowcut.runtime.encoding import media_encoding
-from flowcut.runtime.family import Handler
+from flowcut.runtime.family import EncoderWork, Handler
+from flowcut.runtime.language import decoder_pruner
 from flowcut.runtime.media import Kept, MediaFamily, MediaKind, PassMedia
+from flowcut.runtime.processor import adapt_processor
 from flowcut.trace import PruningTrace
 
 IMAGE, VIDEO = 1, 2
@@ -414,6 +414,23 @@ class QwenFamily(MediaFamily):
             scoring_ms=None if seconds is None else 1000 * seconds,
         )
         self.on_trace(trace)
+
+    @classmethod
+    def encoder_work(cls, model: torch.nn.Module, trace: PruningTrace | None, inputs: Any) -> EncoderWork | None:
+        """Every temporal slice an encoder pass; the merger maps the units the passes hand on."""
+        if model.config.model_type != "qwen2_vl":
+            return None  # Qwen2.5-VL's windowed attention is not counted yet
+        video = inputs.get("pixel_values_videos") is not None
+        traced = []
+        if trace is not None:
+            traced = ((trace.videos or [[]])[0] or []) if video else trace.images[:1]
+        slices, rows, columns = (int(v) for v in inputs["video_grid_thw" if video else "image_grid_thw"][0])
+        # Qwen traces count merge groups; the tower's layers process their patches, the merger their groups.
+        group = model.config.vision_config.spatial_merge_size**2
+        if traced:
+            layers = [[group * units for units in image.tokens_per_layer] for image in traced]
+            return layers, sum(image.units_handed_on for image in traced)
+        return [[rows * columns] * model.config.vision_config.depth] * slices, slices * rows * columns // group
 
     # -- processor side ---------------------------------------------------------------------
 

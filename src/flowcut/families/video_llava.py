@@ -21,15 +21,15 @@ import torch
 from transformers import VideoLlavaForConditionalGeneration
 
 from flowcut import compat
-from flowcut.adapters.clip import ClipEncoderAdapter, feature_layer_index
-from flowcut.adapters.llava import LlavaFamily, stock_image_trace
-from flowcut.adapters.processor import adapt_processor
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace
+from flowcut.families.clip import ClipEncoderAdapter, feature_layer_index
+from flowcut.families.llava import LlavaFamily, stock_image_trace
 from flowcut.methods import EncoderCall
 from flowcut.runtime.encoding import media_encoding, total_scoring_seconds
 from flowcut.runtime.family import Handler
 from flowcut.runtime.media import Kept, MediaItem, MediaKind, PassMedia
+from flowcut.runtime.processor import adapt_processor
 from flowcut.trace import PruningTrace
 
 

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from flowcut import compat
-from flowcut.adapters.attention import RECORDING_ATTENTION, resolve_attention
 from flowcut.core.encoder_stage import AttentionRecorder
 from flowcut.core.language_stage import (
     kept_per_image,
@@ -28,6 +27,7 @@ from flowcut.core.language_stage import (
     last_token_scores,
     media_budgets,
 )
+from flowcut.runtime.attention import RECORDING_ATTENTION, resolve_attention
 
 Budgets = Callable[[torch.Tensor], tuple[list[list[int]], list[list[int]]]]
 """From a ``(B, L)`` visual-token mask: per row, the lengths of its images and their budgets."""

@@ -41,15 +41,21 @@ from transformers import (
 )
 
 from flowcut import compat
-from flowcut.adapters.clip import check_select_strategy, feature_layer_index, vision_adapter
-from flowcut.adapters.language import decoder_pruner
-from flowcut.adapters.processor import adapt_processor
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep, unit_shares
 from flowcut.core.encoder_stage import EncoderStageOutput
+from flowcut.families.clip import (
+    check_select_strategy,
+    feature_layer_index,
+    frames_encoder_work,
+    vision_adapter,
+    vit_encoder_work,
+)
 from flowcut.methods import TWO_STAGE_REASON, UnitCall, available_method, stages, two_stage_methods
 from flowcut.runtime.encoding import media_encoding
-from flowcut.runtime.family import Handler
+from flowcut.runtime.family import EncoderWork, Handler
+from flowcut.runtime.language import decoder_pruner
 from flowcut.runtime.media import Kept, MediaFamily, MediaKind, PassMedia
+from flowcut.runtime.processor import adapt_processor
 from flowcut.trace import PruningTrace
 
 
@@ -392,6 +398,15 @@ class LlavaNextFamily(MediaFamily):
             trace.video_tokens = tokens("video")
         self.on_trace(trace)
 
+    @classmethod
+    def encoder_work(cls, model: torch.nn.Module, trace: PruningTrace | None, inputs: Any) -> EncoderWork | None:
+        """An image as its anyres crops (every crop an encoder pass), a video frame by frame."""
+        if inputs.get("pixel_values_videos") is not None:
+            return frames_encoder_work(model, trace, inputs)
+        size = inputs["image_sizes"][0].tolist()
+        crops = compat.anyres_crop_count(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
+        return vit_encoder_work(model, trace.images if trace is not None else [], crops, crops=True)
+
     # -- processor side ---------------------------------------------------------------------
 
     def patch_processor(self, processor: Any) -> None:
@@ -444,6 +459,10 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         self.max_crops = int(aspect.removeprefix("anyres_max_"))
 
     video_newlines = 1
+
+    @classmethod
+    def encoder_work(cls, model: torch.nn.Module, trace: PruningTrace | None, inputs: Any) -> EncoderWork | None:
+        return None  # the analytic FLOP count does not cover anyres_max_N's interpolation yet
 
     def pooled_side(self, side: int) -> int:
         """LLaVA-OneVision halves each frame's grid by bilinear interpolation, rounding up."""

@@ -5,7 +5,7 @@ Settings are measured interleaved (A B C A B C …) after warm-up rounds, so dri
 thermal state hits every setting alike; each number is the median over the rounds, with its
 minimum and maximum. On CUDA the timer synchronises and uses CUDA events; elsewhere it is the
 wall clock. Peak memory is measured in one extra, untimed prefill per setting after the timed
-rounds (:mod:`flowcut.bench.memory`). Every report names the device, dtype, threads and library
+rounds (:mod:`flowcut.tools.bench.memory`). Every report names the device, dtype, threads and library
 versions.
 """
 
@@ -25,11 +25,12 @@ import transformers
 
 from flowcut import compat
 from flowcut.api import apply, check_applicable
-from flowcut.bench.flops import PrefillFlops, ProjectorShape, TextShape, VisionShape, prefill_flops
-from flowcut.bench.memory import peak_bytes
 from flowcut.config import FlowCutConfig
+from flowcut.families import family_of
 from flowcut.methods import get_method
-from flowcut.prompting import prompt_inputs, video_prompt_inputs
+from flowcut.tools.bench.flops import PrefillFlops, ProjectorShape, TextShape, VisionShape, prefill_flops
+from flowcut.tools.bench.memory import peak_bytes
+from flowcut.tools.prompting import prompt_inputs, video_prompt_inputs
 
 
 @dataclass(frozen=True)
@@ -131,12 +132,10 @@ def _cache_bytes(cache: Any) -> int:
     return total
 
 
-LLAVA_FAMILIES = ("llava", "video_llava", "llava_next", "llava_next_video")
-"""A ViT (CLIP: one CLS token) and LLaVA's two-layer projector."""
-CROP_FAMILIES = ("llava_next", "llava_next_video")
-"""Images encoded as several crops (anyres), each an encoder pass."""
-QWEN_FAMILIES = ("qwen2_vl",)
-"""Qwen2-VL: no CLS, 3-D patches, 2×2 merger (Qwen2.5-VL's windowed attention is not counted yet)."""
+VIT_TOWERS = ("clip_vision_model", "siglip_vision_model")
+"""ViT towers with a fixed grid (CLIP: one CLS token; SigLIP: none) and LLaVA's two-layer projector."""
+QWEN_TOWERS = ("qwen2_vl_vision",)
+"""Qwen2-VL's tower: no CLS, 3-D patches, 2×2 merger (Qwen2.5-VL's windowed attention is not counted yet)."""
 
 
 def model_shapes(
@@ -156,7 +155,7 @@ def model_shapes(
         text.num_key_value_heads or text.num_attention_heads,
         text.vocab_size,
     )
-    if config.model_type in LLAVA_FAMILIES:
+    if vision.model_type in VIT_TOWERS:
         if not isinstance(config.vision_feature_layer, int):
             return None  # several feature layers side by side: a wider projector input than counted here
         grid = vision.image_size // vision.patch_size
@@ -170,7 +169,7 @@ def model_shapes(
             class_tokens=class_tokens,
         )
         return shape, ProjectorShape(vision.hidden_size, text.hidden_size, text.hidden_size), text_shape
-    if config.model_type in QWEN_FAMILIES:
+    if vision.model_type in QWEN_TOWERS:
         if patches is None:
             raise ValueError("Qwen2-VL's FLOPs need the patches per encoder pass (its resolution is dynamic)")
         width = vision.embed_dim
@@ -184,14 +183,9 @@ def model_shapes(
             class_tokens=0,
             temporal_patch=vision.temporal_patch_size,
         )
-        merged = width * _merge_group(model)
+        merged = width * vision.spatial_merge_size**2
         return shape, ProjectorShape(merged, merged, text.hidden_size), text_shape
     return None
-
-
-def _merge_group(model: torch.nn.Module) -> int:
-    """Patches Qwen2-VL's merger fuses into one token (2×2)."""
-    return model.config.vision_config.spatial_merge_size**2
 
 
 def environment(model: torch.nn.Module) -> dict[str, Any]:
@@ -302,50 +296,6 @@ def _prompt(
     return inputs, partial(model.model.get_video_features, inputs["pixel_values_videos"], **extra)
 
 
-def _units_handed_on(trace: Any) -> int:
-    """Units an encoder pass hands to the projector: those alive after its last layer."""
-    last_layer = len(trace.tokens_per_layer) - 1
-    if trace.prune_layers and trace.prune_layers[-1] == last_layer:  # chosen after the last layer ran
-        return len(trace.kept_after_prune[-1])
-    return trace.tokens_per_layer[-1]
-
-
-def _encoder_passes(model: torch.nn.Module, trace: Any, inputs: Any) -> tuple[list[list[int]], int | None]:
-    """Per encoder pass (an image, a crop, a frame or a temporal slice), the patches each layer processed;
-    and the units the projector maps where they are not the tokens entering the language model (None).
-
-    Passes the trace does not describe (the stock model, or media the encoder stage left whole) ran every
-    layer over every patch and project every unit. A traced pass projects the units its last layer kept; what a
-    method spends choosing them (DivPrune projects every candidate to compare them) is not counted.
-    """
-    family = model.config.model_type
-    video = inputs.get("pixel_values_videos") is not None
-    traced: list[Any] = []
-    if trace is not None:
-        if video:
-            traced = (trace.videos or [[]])[0]  # None: the video took the stock path
-        else:
-            traced = trace.images if family in CROP_FAMILIES else trace.images[:1]
-    kept_units = sum(_units_handed_on(t) for t in traced)
-    vision = model.config.vision_config
-    if family in QWEN_FAMILIES:
-        slices, rows, columns = (int(v) for v in inputs["video_grid_thw" if video else "image_grid_thw"][0])
-        # Qwen traces count merge groups; the tower's layers process their patches, the merger their groups.
-        group = _merge_group(model)
-        if traced:
-            return [[group * units for units in t.tokens_per_layer] for t in traced], kept_units
-        return [[rows * columns] * vision.depth] * slices, slices * rows * columns // group
-    patches = (vision.image_size // vision.patch_size) ** 2
-    if video or family not in CROP_FAMILIES:
-        passes = inputs["pixel_values_videos"].shape[1] if video else 1  # frames, or the one image
-        projected = None
-    else:  # crops are projected before unpadding and newlines
-        image_size = inputs["image_sizes"][0].tolist()
-        passes = compat.anyres_crop_count(image_size, model.config.image_grid_pinpoints, vision.image_size)
-        projected = kept_units if traced else passes * patches
-    return [t.tokens_per_layer for t in traced] or [[patches] * vision.num_hidden_layers] * passes, projected
-
-
 def _result(
     model: torch.nn.Module,
     setting: BenchSetting,
@@ -365,9 +315,8 @@ def _result(
         kept = trace.language_positions.shape[1]
     visual = entering if kept is None else kept - prompt_tokens
     flops = None
-    passes, projected = [], None
-    if model.config.model_type in LLAVA_FAMILIES + QWEN_FAMILIES:
-        passes, projected = _encoder_passes(model, trace, inputs)
+    family = family_of(model)
+    passes, projected = (family.encoder_work(model, trace, inputs) if family else None) or ([], None)
     shapes = model_shapes(model, patches=passes[0][0]) if passes else None
     if shapes is not None:
         vision_shape, projector, text_shape = shapes

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from flowcut import compat
-from flowcut.adapters.attention import recording_attention, resolve_attention
 from flowcut.core.encoder_stage import AttentionRecord, AttentionRecorder
 from flowcut.core.scoring import CriteriaScores, global_query_criteria, group_criteria
+from flowcut.runtime.attention import recording_attention, resolve_attention
 
 
 class QwenVisionAdapter:

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from flowcut import compat
-from flowcut.adapters.attention import attention_context, key_padding_mask, recording_attention, resolve_attention
-from flowcut.core.encoder_stage import AttentionRecord, AttentionRecorder
+from flowcut.core.encoder_stage import AttentionRecord, AttentionRecorder, ImageTrace
 from flowcut.core.scoring import CriteriaScores, cls_criteria, global_query_criteria
+from flowcut.runtime.attention import attention_context, key_padding_mask, recording_attention, resolve_attention
+from flowcut.runtime.family import EncoderWork
 
 
 def feature_layer_index(vision_feature_layer: Any, num_layers: int) -> int:
@@ -154,3 +155,26 @@ def vision_adapter(vision_tower: torch.nn.Module) -> ClipEncoderAdapter:
             return adapter(vision_tower)
     supported = "CLIPVisionModel and SiglipVisionModel"
     raise TypeError(f"FlowCut's encoder stage supports {supported} towers, got {type(vision_tower).__name__}")
+
+
+def vit_encoder_work(model: torch.nn.Module, traced: list[ImageTrace], passes: int, crops: bool) -> EncoderWork:
+    """The work of ``passes`` ViT passes (traced ones as their traces say, the rest over every patch).
+
+    ``crops``: anyres crops are projected before unpadding and newlines, so the projector maps the units
+    the passes hand on; otherwise it maps the tokens entering the language model.
+    """
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    layers = [trace.tokens_per_layer for trace in traced] or [[patches] * vision.num_hidden_layers] * passes
+    if not crops:
+        return layers, None
+    return layers, sum(trace.units_handed_on for trace in traced) if traced else passes * patches
+
+
+def frames_encoder_work(model: torch.nn.Module, trace: Any, inputs: Any) -> EncoderWork:
+    """One image, or a video frame by frame, through a ViT."""
+    videos = inputs.get("pixel_values_videos")
+    if videos is not None:
+        traced = ((trace.videos or [[]])[0] or []) if trace is not None else []  # None: the stock path
+        return vit_encoder_work(model, traced, videos.shape[1], crops=False)
+    return vit_encoder_work(model, trace.images[:1] if trace is not None else [], 1, crops=False)

@@ -17,15 +17,20 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from flowcut import compat
-from flowcut.adapters.clip import ClipEncoderAdapter, check_select_strategy, feature_layer_index
-from flowcut.adapters.language import decoder_pruner
-from flowcut.adapters.processor import adapt_processor
 from flowcut.config import FlowCutConfig, tokens_to_keep
 from flowcut.core.encoder_stage import ImageTrace
+from flowcut.families.clip import (
+    ClipEncoderAdapter,
+    check_select_strategy,
+    feature_layer_index,
+    frames_encoder_work,
+)
 from flowcut.methods import EncoderCall, get_method
 from flowcut.runtime.encoding import media_encoding
-from flowcut.runtime.family import Handler
+from flowcut.runtime.family import EncoderWork, Handler
+from flowcut.runtime.language import decoder_pruner
 from flowcut.runtime.media import Kept, MediaFamily, MediaItem, MediaKind, PassMedia
+from flowcut.runtime.processor import adapt_processor
 from flowcut.trace import PruningTrace
 
 
@@ -150,6 +155,10 @@ class LlavaFamily(MediaFamily):
         if media.scoring_seconds is not None:
             trace.scoring_ms = 1000 * media.scoring_seconds
         self.on_trace(trace)
+
+    @classmethod
+    def encoder_work(cls, model: torch.nn.Module, trace: PruningTrace | None, inputs: Any) -> EncoderWork | None:
+        return frames_encoder_work(model, trace, inputs)
 
     # -- processor side ---------------------------------------------------------------------
 

@@ -10,9 +10,9 @@ import typer
 from rich.console import Console
 
 from flowcut.config import COUNTS, CRITERIA, METHODS, SCHEDULES, FlowCutConfig
-from flowcut.evaluate import DEFAULT_METHODS
-from flowcut.evaluate import METHODS as EVALUATED_METHODS
-from flowcut.prompting import prompt_inputs
+from flowcut.tools.evaluate import DEFAULT_METHODS
+from flowcut.tools.evaluate import METHODS as EVALUATED_METHODS
+from flowcut.tools.prompting import prompt_inputs
 
 app = typer.Typer(help="FlowCut visual-token pruning for vision-language models.", no_args_is_help=True)
 console = Console(stderr=True, soft_wrap=True)
@@ -136,7 +136,7 @@ VIDEO_HELP = "Video: a directory of frame images, a .npy (frames, height, width,
 
 def _read_video(path: Path, frames: int) -> Any:
     """``frames`` frames sampled evenly from the video at ``path``, or a clear error."""
-    from flowcut.video import read_frames
+    from flowcut.tools.video import read_frames
 
     try:
         return read_frames(path, frames)
@@ -298,7 +298,7 @@ def evaluate_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from flowcut.data.shapes import GRID, SPLIT_SEEDS, samples
-    from flowcut.evaluate import EvalReport, check_settings, evaluate, information_flow, settings_for
+    from flowcut.tools.evaluate import EvalReport, check_settings, evaluate, information_flow, settings_for
 
     if split not in SPLIT_SEEDS:
         _fail(f"unknown split {split!r}; choose from {', '.join(SPLIT_SEEDS)}")
@@ -369,7 +369,7 @@ def viz(
     if (image is None) == (video is None):
         _fail("pass either --image or --video")
     _require_matplotlib("flowcut viz needs matplotlib: pip install 'flowcut-vlm[viz]'")
-    from flowcut.viz import visualise, visualise_video
+    from flowcut.tools.viz import visualise, visualise_video
 
     names = _name_list(method)
     budget = _parse_keep(keep)
@@ -447,9 +447,9 @@ def bench(
 
     import torch
 
-    from flowcut.bench.run import BenchSetting, benchmark, environment, to_dict, to_markdown
-    from flowcut.bench.run import plot as plot_speedups
     from flowcut.data.shapes import make_sample
+    from flowcut.tools.bench.run import BenchSetting, benchmark, environment, to_dict, to_markdown
+    from flowcut.tools.bench.run import plot as plot_speedups
 
     if plot:
         _require_matplotlib("the plot needs matplotlib: pip install 'flowcut-vlm[plot]', or pass --no-plot")
@@ -465,7 +465,7 @@ def bench(
         _fail("pass either --image or --video")
     frame_count, clip = frames, None
     if preset is not None:
-        from flowcut.bench.presets import PRESETS
+        from flowcut.tools.bench.presets import PRESETS
 
         if preset in PRESETS and PRESETS[preset].frames:
             frame_count = frames or PRESETS[preset].frames
@@ -492,7 +492,7 @@ def bench(
     else:
         if model is not None:
             _fail("pass either --model or --preset, not both")
-        from flowcut.bench.presets import build_preset
+        from flowcut.tools.bench.presets import build_preset
 
         try:
             loaded_model, processor = build_preset(preset, text_layers, smoke, getattr(torch, dtype))

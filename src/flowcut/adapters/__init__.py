@@ -1,1 +1,0 @@
-"""Model-family adapters: how FlowCut enters each supported model (no copy of the algorithm here)."""

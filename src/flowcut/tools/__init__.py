@@ -1,0 +1,1 @@
+"""What users run around the library: the ``flowcut`` CLI, evaluation, benchmark and visualisation."""
