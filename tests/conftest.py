@@ -43,6 +43,17 @@ def pytest_terminal_summary(terminalreporter) -> None:
     )
 
 
+@pytest.fixture(scope="module")
+def saved_llava(tmp_path_factory):
+    """A directory holding a saved tiny LLaVA (``model/``) and one image (``image.png``), for CLI tests."""
+    from flowcut.testing import save_tiny_llava
+
+    directory = tmp_path_factory.mktemp("saved")
+    save_tiny_llava(directory / "model", seed=0)
+    make_image(0).save(directory / "image.png")
+    return directory
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)

@@ -48,7 +48,10 @@ def test_generate_prints_answer_budget_and_timings(saved):
     )
     assert result.exit_code == 0, result.output
     assert "tokens kept: 16 of 144 per image (88.9% pruned)" in result.output
-    assert "prefill (vision encoder + prompt):" in result.output and "for 4 new tokens on cpu" in result.output
+    assert (
+        "prefill (vision encoder + prompt; a cold first call" in result.output
+        and "for 4 new tokens on cpu" in result.output
+    )
 
 
 def test_generate_rejects_bad_keep(saved):

@@ -173,6 +173,17 @@ def test_unsupported_vision_attention_implementation(tiny, images):
     assert compat.attention_implementation(model.model.vision_tower.config) == "flex_attention"
 
 
+@pytest.mark.parametrize("method", ["flowcut", "fastv"])
+def test_unsupported_attention_is_refused_at_apply(method):
+    """Known at apply: the vision tower's implementation where the encoder stage runs (FastV's runs stock, so
+    only its language model is refused), the language model's where a decoder layer prunes."""
+    model, processor = build_tiny_llava(seed=0, text_layers=4, attn_implementation="flex_attention")
+    where = "the vision tower" if method == "flowcut" else "the language model"
+    with pytest.raises(ValueError, match=f"attention in {where}, not 'flex_attention'"):
+        flowcut.apply(model, processor=processor, keep=8, method=method)
+    assert flowcut.get_handle(model) is None and "get_image_features" not in vars(model.model)
+
+
 GREEDY = {"max_new_tokens": 3, "do_sample": False}
 
 
@@ -211,3 +222,26 @@ def test_chunked_prefill_refused_where_the_language_model_prunes(images):
     inputs = processor(images=image, text=text, return_tensors="pt")
     with pytest.raises(ValueError, match=r"generate\(prefill_chunk_size=...\) also slices them"):
         model.generate(**inputs, **GREEDY, prefill_chunk_size=8)
+
+
+def test_deep_copy_of_a_pruned_model_is_refused_and_works_after_remove():
+    """The installed methods close over the original instance: a copy would silently encode with its weights."""
+    import copy
+
+    model, processor = build_tiny_llava(seed=0)
+    handle = flowcut.apply(model, processor=processor, keep=16)
+    with pytest.raises(TypeError, match=r"cannot be deep-copied .* copy it before flowcut.apply"):
+        copy.deepcopy(model)
+    handle.remove()
+    clone = copy.deepcopy(model)
+    with flowcut.apply(clone, processor=processor, keep=16) as clone_handle:
+        assert clone_handle.active and not handle.active
+
+
+@pytest.mark.parametrize("name", ["build_tiny_llava_next", "build_tiny_llava_next_video", "build_tiny_llava_onevision"])
+def test_tiny_builders_defaults_take_the_default_method(name):
+    from flowcut import testing
+
+    model, processor = getattr(testing, name)()
+    with flowcut.apply(model, processor=processor, keep=8) as handle:
+        assert handle.prunes_in_language_model

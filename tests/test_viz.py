@@ -82,11 +82,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("viz")
-    save_tiny_llava(directory / "model", seed=0)
-    make_image(0).save(directory / "image.png")
-    return directory
+def saved(saved_llava):
+    return saved_llava
 
 
 def test_cli_writes_the_figure_and_explains_bad_options(saved):
@@ -99,3 +96,12 @@ def test_cli_writes_the_figure_and_explains_bad_options(saved):
     assert bad_suffix.exit_code == 2 and "--output must end in .png or .svg" in bad_suffix.output
     bad_method = runner.invoke(app, [*arguments, "--method", "flowcut,fastvv"])
     assert bad_method.exit_code == 2 and "unknown method 'fastvv'" in bad_method.output
+
+
+def test_language_stage_methods_are_drawn_without_a_prompt(saved):
+    """FastV prunes in the prefill: without --prompt, viz still runs one and draws FastV's kept tokens."""
+    model, output = save_tiny_llava(saved / "deep", seed=0, text_layers=4), saved / "fastv.png"
+    arguments = ["viz", "--model", str(model), "--image", str(saved / "image.png"), "--keep", "16"]
+    result = runner.invoke(app, [*arguments, "--method", "flowcut,fastv", "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    assert output.stat().st_size > 1000

@@ -71,6 +71,13 @@ class FlowCutHandle:
         self._family.uninstall()  # the processor too: the family adapted it through the same InstancePatch
         delattr(self.model, _HANDLE_ATTRIBUTE)
 
+    def __deepcopy__(self, memo: dict) -> FlowCutHandle:
+        # The installed methods are closures over this instance: a copy would run the original's weights.
+        raise TypeError(
+            "a model with FlowCut applied cannot be deep-copied (the copy would encode with the original's "
+            "weights): copy it before flowcut.apply, or handle.remove() first and apply to each copy"
+        )
+
     def __enter__(self) -> FlowCutHandle:
         return self
 

@@ -47,8 +47,12 @@ def _recording_attention(
         if context is not None:
             flowcut_recorder, flowcut_attention, flowcut_implementation = context
     if flowcut_attention is None:
+        # FlowCut's encoder pass switches the tower's implementation for its duration; a second thread
+        # running the same model meanwhile lands here.
         raise RuntimeError(
-            f"attention implementation {RECORDING_ATTENTION!r} runs only inside FlowCut's own encoder pass"
+            f"attention implementation {RECORDING_ATTENTION!r} runs only inside FlowCut's own encoder pass; if "
+            "several threads call one pruned model, give each thread its own model (one model must not be "
+            "shared across threads while FlowCut is applied)"
         )
     if flowcut_recorder is not None:
         scaling = kwargs.get("scaling")
@@ -81,12 +85,17 @@ def resolve_attention(implementation: str | None, eager: Callable[..., Any]) -> 
     """
     if implementation in (None, "eager"):
         return eager
-    if implementation != "sdpa" and not _is_flash(implementation):
-        raise ValueError(
-            "FlowCut's encoder stage runs with eager, sdpa or flash attention in the vision tower, "
-            f"not {implementation!r}: model.set_attn_implementation('sdpa') selects a supported one"
-        )
+    check_attention(implementation)
     return attention_function(implementation, eager)
+
+
+def check_attention(implementation: str | None, where: str = "the vision tower") -> None:
+    """Refuse an attention implementation whose padding masks FlowCut cannot build (checked at apply and per pass)."""
+    if implementation not in (None, "eager", "sdpa") and not _is_flash(implementation):
+        raise ValueError(
+            f"FlowCut runs with eager, sdpa or flash attention in {where}, not {implementation!r}: "
+            "model.set_attn_implementation('sdpa') selects a supported one"
+        )
 
 
 @contextmanager

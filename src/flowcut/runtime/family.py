@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from flowcut import compat
+from flowcut.methods import get_method
+from flowcut.runtime.attention import check_attention
 from flowcut.runtime.instance import InstancePatch
 
 if TYPE_CHECKING:
@@ -98,6 +101,11 @@ class ModelFamily:
 
     def install(self) -> None:
         """Replace the entry points and hook the forward pass of this instance (never its class)."""
+        method = get_method(self.config.method)
+        if method.prunes and method.stage == "encoder":
+            check_attention(compat.attention_implementation(self.model.config.vision_config))
+        if self.pruner is not None:
+            check_attention(compat.attention_implementation(self.model.config.text_config), "the language model")
         for name, handler in self.entry_points().items():
             self.stock[name] = self.patch.override(self.base, name, _replacement(handler))
         self.patch.hook(self.model.register_forward_pre_hook(self.before_forward, with_kwargs=True))

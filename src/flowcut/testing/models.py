@@ -431,7 +431,9 @@ def build_tiny_llava_next(
     """A random tiny LLaVA-NeXT (anyres: a base view plus a grid of up to 2x2 crops) and its processor.
 
     ``video``: LLaVA-NeXT-Video instead (frames pooled 2x2 by averaging; a frame-by-frame video processor).
+    Three text layers by default: FlowCut's second stage prunes after decoder layer 1 and needs a later one.
     """
+    config_options.setdefault("text_layers", 3)
     pinpoints = _anyres_pinpoints(image_size)
     tokenizer = build_tokenizer(special_tokens=["<video>"] if video else None)
     image_processor = LlavaNextImageProcessorPil(
@@ -494,7 +496,11 @@ def build_tiny_llava_onevision(
     dtype: torch.dtype = torch.float32,
     **text_options: int,
 ) -> tuple[LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor]:
-    """A random tiny LLaVA-OneVision (SigLIP tower without CLS, anyres up to 2x2 crops) and its processor."""
+    """A random tiny LLaVA-OneVision (SigLIP tower without CLS, anyres up to 2x2 crops) and its processor.
+
+    Three text layers by default: FlowCut's second stage prunes after decoder layer 1 and needs a later one.
+    """
+    text_options.setdefault("text_layers", 3)
     pinpoints = _anyres_pinpoints(image_size)
     tokenizer = build_tokenizer(special_tokens=["<video>"])
     image_processor = LlavaOnevisionImageProcessorPil(

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from flowcut.config import COUNTS, CRITERIA, METHODS, SCHEDULES, FlowCutConfig
 from flowcut.tools.evaluate import DEFAULT_METHODS
@@ -39,7 +40,7 @@ def main_callback(
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/bold red] {message}")
+    console.print(f"[bold red]error:[/bold red] {escape(message)}")  # literal: "[viz]" is not markup
     raise typer.Exit(code=2)
 
 
@@ -91,7 +92,9 @@ def load_model(model_name: str, device: str, dtype_name: str) -> tuple[Any, Any]
 EVAL_METHODS_HELP = f"Comma-separated, from: {', '.join(EVALUATED_METHODS)}."
 MODEL_HELP = "Local model directory or Hugging Face Hub id (default: the bundled shapes-VQA reference model)."
 ModelOption = Annotated[str | None, typer.Option(help=MODEL_HELP)]
-DeviceOption = Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda', 'cuda:1', …")]
+DeviceOption = Annotated[
+    str, typer.Option(help="'auto' (cuda where available, else cpu), 'cpu', 'cuda', 'cuda:N', 'mps'.")
+]
 DtypeOption = Annotated[str, typer.Option(help="'auto' (float16 on GPU, float32 on CPU), float32, float16, bfloat16.")]
 
 
@@ -106,11 +109,37 @@ def _model_source(model: str | None) -> str:
     return str(path)
 
 
+def _check_device(device: str) -> None:
+    """Refuse a device name torch does not know, or a device this machine does not have."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        _fail(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            _fail(f"--device {device}: torch sees no CUDA GPU here (a CPU-only build or no GPU); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            _fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            _fail(f"--device {device}: Apple's MPS backend is not available here; use --device cpu")
+    elif parsed.type != "cpu":
+        _fail(f"--device {device}: flowcut runs on cpu, cuda or mps")
+
+
+def _at_least(value: int, least: int, option: str) -> None:
+    if value < least:
+        _fail(f"{option} must be at least {least}, got {value}")
+
+
 def _resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
     import torch
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check_device(device)
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
     if dtype not in DTYPES:
@@ -184,6 +213,7 @@ def generate(
 
     import flowcut
 
+    _at_least(max_new_tokens, 1, "--max-new-tokens")
     picture = _open_image(image)
     device, dtype = _resolve_device_dtype(device, dtype)
     try:
@@ -206,9 +236,9 @@ def generate(
         console.print(f"[yellow]warning:[/yellow] words this model's tokenizer does not know: {', '.join(unknown)}")
     try:
         handle = flowcut.apply(loaded_model, processor=processor, config=config)
+        inputs = prompt_inputs(processor, picture, prompt, device, getattr(torch, dtype))
     except (TypeError, ValueError) as error:
         _fail(str(error))
-    inputs = prompt_inputs(processor, picture, prompt, device, getattr(torch, dtype))
 
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     first_pass_end: list[float] = []
@@ -243,7 +273,8 @@ def generate(
             f"({100 * (1 - handle.tokens_per_image / trace.num_patches):.1f}% pruned)"
         )
     report.print(
-        f"prefill (vision encoder + prompt): {1000 * (first_pass_end[0] - start):.1f} ms, "
+        "prefill (vision encoder + prompt; a cold first call, see flowcut bench for warm timings): "
+        f"{1000 * (first_pass_end[0] - start):.1f} ms, "
         f"total: {1000 * total:.1f} ms for {new_tokens.numel()} new tokens on {device} ({dtype})"
     )
 
@@ -368,6 +399,8 @@ def viz(
         _fail(f"--output must end in .png or .svg, got {output.name!r}")
     if (image is None) == (video is None):
         _fail("pass either --image or --video")
+    _at_least(frames, 1, "--frames")
+    _at_least(dpi, 1, "--dpi")
     _require_matplotlib("flowcut viz needs matplotlib: pip install 'flowcut-vlm[viz]'")
     from flowcut.tools.viz import visualise, visualise_video
 
@@ -453,6 +486,14 @@ def bench(
 
     if plot:
         _require_matplotlib("the plot needs matplotlib: pip install 'flowcut-vlm[plot]', or pass --no-plot")
+    _at_least(rounds, 1, "--rounds")
+    _at_least(warmup, 0, "--warmup")
+    if generate:
+        _at_least(new_tokens, 2, "--new-tokens (decode speed compares it with a one-token generate)")
+    if frames is not None:
+        _at_least(frames, 1, "--frames")
+    if text_layers is not None:
+        _at_least(text_layers, 1, "--text-layers")
     names = _name_list(methods)
     keeps = _int_list(budgets, "budgets")
     try:

@@ -231,14 +231,10 @@ def visualise(
         with flowcut.apply(model, processor=processor, keep=keep, method=method, **options) as handle:
             inputs = prompt_inputs(processor, image, prompt or "", model.device, model.dtype)
             pixel_values = inputs["pixel_values"][0]
-            with torch.inference_mode():
-                if prompt is None:
-                    model.model.get_image_features(inputs["pixel_values"])
-                    answer = None
-                else:
-                    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-                    answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            views.append(MethodView(method, handle.last_trace, answer.strip() if answer is not None else None))
+            with torch.inference_mode():  # without a prompt, one token: language-stage methods prune in the prefill
+                output = model.generate(**inputs, max_new_tokens=max_new_tokens if prompt else 1, do_sample=False)
+            answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            views.append(MethodView(method, handle.last_trace, answer.strip() if prompt else None))
     image_processor = processor.image_processor
     view = model_view(pixel_values, image_processor.image_mean, image_processor.image_std)
     title = f"keep {keep} of {views[0].trace.num_patches}" + (f" · prompt: {prompt}" if prompt else "")
