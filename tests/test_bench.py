@@ -236,3 +236,37 @@ def test_encoder_baselines_on_two_stage_families_project_only_their_kept_units(f
     assert pruned.visual_tokens == 8
     assert 0 < pruned.flops.vision <= unpruned.flops.vision
     assert pruned.flops.projector == projector_flops(projector, 8)
+
+
+def _result(label_method, keep, vision, prefill, flops_total):
+    from flowcut.tools.bench.flops import PrefillFlops
+    from flowcut.tools.bench.run import BenchResult, Timings
+
+    timings = Timings(vision=list(vision), prefill=list(prefill))
+    flops = PrefillFlops(flops_total, 0, 0)
+    return BenchResult(BenchSetting(label_method, keep), timings, 64, 10, 0, flops, 8)
+
+
+def test_impossible_or_noisy_numbers_are_flagged():
+    from flowcut.tools.bench.run import warnings_for
+
+    steady = [
+        _result(None, None, [10, 11, 10], [100, 101, 99], 1000),
+        _result("flowcut", 64, [8, 8, 8], [40, 41, 40], 300),  # 2.5× measured against a 3.33× bound
+    ]
+    assert warnings_for(steady) == []
+    noisy = [
+        _result(None, None, [10], [100], 1000),
+        _result("flowcut", 64, [8], [5], 500),  # 20× measured against a 2× bound, prefill below the encoder
+    ]
+    notes = warnings_for(noisy)
+    assert notes == [
+        "only 1 measured round(s): timings are single samples; use --rounds 3 or more",
+        "flowcut@64: the prefill (5.0 ms) includes the encoder yet measured below it (8.0 ms): noisy timings; "
+        "raise --rounds and --warmup",
+        "flowcut@64: measured prefill speed-up 20.00× is far above its FLOP bound 2.00×: noise or warm-up "
+        "effects; raise --rounds and --warmup",
+    ]
+    assert [line for line in to_markdown(noisy, {}).splitlines() if line.startswith("Warning: ")] == [
+        f"Warning: {note}." for note in notes
+    ]

@@ -30,6 +30,10 @@ ROWS = [
     (generate("--keep", "0"), "keep must be at least 1 visual token per image, got 0"),
     (generate("--method", "tome"), "unknown method 'tome'"),
     (generate("--dtype", "float8"), "unknown dtype 'float8'; choose from auto, float32, float16, bfloat16"),
+    (generate("--counts", "x"), "unknown counts 'x'; available: adaptive, uniform"),
+    (generate("--criteria", "x"), "unknown criteria 'x'; available: all, relation"),
+    (generate("--ema-weight", "2"), "ema_weight must be in [0, 1), got 2.0"),
+    (generate("--prune-interval", "0"), "prune_interval must be a positive integer, got 0"),
     (generate("--schedule", "sometimes"), "unknown schedule 'sometimes'; available: progressive, one_shot"),
     (
         ["generate", "--model", "{model}", "--image", "{image}", "--prompt", "<image> <image> what ?"],
@@ -54,7 +58,19 @@ ROWS = [
         ["viz", "--model", "{model}", "--image", "{image}", "--device", "tpu", "--output", "{dir}/f.png"],
         "unknown device 'tpu'",
     ),
+    (["viz", "--model", "{model}", "--image", "{image}", "--layers", "x"], "--layers takes comma-separated integers"),
+    (["viz", "--model", "{model}", "--image", "{image}", "--frames", "0"], "--frames must be at least 1, got 0"),
+    (["viz", "--model", "{model}", "--video", "{missing}"], "video not found"),
+    (
+        ["viz", "--model", "{model}", "--image", "{image}", "--layers", "99", "--output", "{dir}/f.png"],
+        "layers [99] were not scored for this image; scored layers: [0, 1,",
+    ),
     # bench
+    (["bench", "--model", "{model}", "--attention", "flex", "--no-plot"], "--attention must be sdpa or eager"),
+    (["bench", "--preset", "nope", "--no-plot"], "unknown preset 'nope'; available: llava-1.5-7b"),
+    (["bench", "--model", "{model}", "--frames", "0", "--no-plot"], "--frames must be at least 1, got 0"),
+    (["bench", "--image", "{image}", "--video", "{missing}", "--no-plot"], "pass either --image or --video"),
+    (["bench", "--model", "{model}", "--preset", "llava-1.5-7b", "--no-plot"], "pass either --model or --preset"),
     (["bench", "--model", "{model}", "--rounds", "0", "--no-plot"], "--rounds must be at least 1, got 0"),
     (["bench", "--model", "{model}", "--warmup", "-1", "--no-plot"], "--warmup must be at least 0, got -1"),
     (["bench", "--model", "{model}", "--new-tokens", "1", "--no-plot"], "--new-tokens (decode speed"),
@@ -64,6 +80,9 @@ ROWS = [
     (["bench", "--model", "{model}", "--smoke", "--no-plot"], "--text-layers and --smoke apply to --preset models"),
     # eval
     (["eval", "--model", "{model}", "--count", "0", "--no-plot"], "--count and --batch-size must be at least 1"),
+    (["eval", "--model", "{model}", "--batch-size", "0", "--no-plot"], "--count and --batch-size must be at least 1"),
+    (["eval", "--model", "{model}", "--start", "-1", "--no-plot"], "and --start at least 0"),
+    (["eval", "--model", "{model}", "--methods", "tome", "--no-plot"], "unknown method(s) tome; available: flowcut,"),
     (["eval", "--model", "{model}", "--split", "dev", "--no-plot"], "unknown split 'dev'"),
     (["eval", "--model", "{model}", "--budgets", "a", "--no-plot"], "--budgets takes comma-separated integers"),
     (["eval", "--model", "{model}", "--device", "tpu", "--no-plot"], "unknown device 'tpu'"),
@@ -98,3 +117,18 @@ def test_error_messages_keep_brackets_that_look_like_markup(monkeypatch):
     result = runner.invoke(app, ["viz", "--image", "x.png"])
     assert result.exit_code == 2
     assert "pip install 'flowcut-vlm[viz]'" in result.output
+
+
+@pytest.mark.parametrize("command", ["generate", "viz", "bench", "eval"])
+def test_help_lists_the_valid_values(command):
+    from flowcut.config import METHODS
+    from flowcut.tools.bench.presets import PRESETS
+
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "'cpu', 'cuda', 'cuda:N', 'mps'" in text and "float32, float16, bfloat16" in text
+    methods = METHODS if command != "eval" else ("flowcut", "visionzip", "fastv")
+    assert all(method in text for method in methods)
+    if command == "bench":
+        assert all(name in text for name in PRESETS)

@@ -93,6 +93,24 @@ def test_multi_layer_features_rejected():
         flowcut.apply(model, keep=8)
 
 
+def test_one_feature_layer_in_a_list_is_that_layer(images):
+    """``vision_feature_layer=[-2]`` gives the stock model the features of ``-2``; FlowCut prunes it the same."""
+    import copy
+
+    listed, processor = _llava(vision_feature_layer=[-2])
+    single = copy.deepcopy(listed)
+    single.config.vision_feature_layer = -2
+    inputs = processor(images=images[0], text=PROMPT, return_tensors="pt")
+    logits = []
+    for model in (listed, single):
+        with flowcut.apply(model, processor=copy.deepcopy(processor), keep=8) as handle, torch.inference_mode():
+            pruned = handle.processor(images=images[0], text=PROMPT, return_tensors="pt")
+            logits.append(model(**pruned).logits)
+            assert handle.last_trace.kept_indices[0].numel() == 8
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+    assert inputs["input_ids"].shape[1] > pruned["input_ids"].shape[1]
+
+
 def test_full_select_strategy_rejected():
     model, _ = _llava(vision_feature_select_strategy="full")
     with pytest.raises(ValueError, match="vision_feature_select_strategy='full' is not supported"):

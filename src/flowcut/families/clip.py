@@ -18,6 +18,8 @@ from flowcut.runtime.family import EncoderWork
 
 def feature_layer_index(vision_feature_layer: Any, num_layers: int) -> int:
     """0-based index of the encoder layer whose output ``hidden_states[vision_feature_layer]`` is."""
+    if isinstance(vision_feature_layer, (list, tuple)) and len(vision_feature_layer) == 1:
+        vision_feature_layer = vision_feature_layer[0]  # one layer in a list: the same features as the int
     if not isinstance(vision_feature_layer, int) or isinstance(vision_feature_layer, bool):
         raise ValueError(
             "FlowCut needs a single vision feature layer; vision_feature_layer="

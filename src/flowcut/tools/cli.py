@@ -311,6 +311,14 @@ def _int_list(text: str, name: str) -> list[int]:
         raise  # unreachable: _fail exits
 
 
+def _progress() -> Any:
+    """A progress bar on stderr (counts and time left), as ``eval`` and ``bench`` show."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=console)
+
+
 @app.command("eval")
 def evaluate_command(
     model: ModelOption = None,
@@ -326,8 +334,6 @@ def evaluate_command(
     dtype: DtypeOption = "auto",
 ) -> None:
     """Accuracy of every method at every budget on the shapes VQA questions, against the unpruned model."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from flowcut.data.shapes import GRID, SPLIT_SEEDS, samples
     from flowcut.tools.evaluate import EvalReport, check_settings, evaluate, information_flow, settings_for
 
@@ -349,8 +355,7 @@ def evaluate_command(
     except (TypeError, ValueError) as error:
         _fail(str(error))
     questions = list(samples(split, count, start))
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
+    with _progress() as progress:
         task = progress.add_task(f"{len(settings)} settings × {count} questions", total=len(settings) * count)
         try:
             results = evaluate(
@@ -486,6 +491,8 @@ def bench(
 
     if plot:
         _require_matplotlib("the plot needs matplotlib: pip install 'flowcut-vlm[plot]', or pass --no-plot")
+    if attention not in (None, "sdpa", "eager"):
+        _fail(f"--attention must be sdpa or eager, got {attention!r}")
     _at_least(rounds, 1, "--rounds")
     _at_least(warmup, 0, "--warmup")
     if generate:
@@ -541,25 +548,26 @@ def bench(
             _fail(str(error))
         loaded_model.to(device)
     if attention is not None:
-        if attention not in ("sdpa", "eager"):
-            _fail(f"--attention must be sdpa or eager, got {attention!r}")
         loaded_model.set_attn_implementation(attention)
-    try:
-        results = benchmark(
-            loaded_model,
-            processor,
-            picture,
-            prompt,
-            settings,
-            rounds=rounds,
-            warmup=warmup,
-            new_tokens=new_tokens,
-            video=clip,
-            generate=generate,
-            memory=memory,
-        )
-    except (TypeError, ValueError) as error:
-        _fail(str(error))
+    with _progress() as progress:
+        task = progress.add_task(f"{len(settings)} settings × {rounds} rounds (after {warmup} warm-up)", total=rounds)
+        try:
+            results = benchmark(
+                loaded_model,
+                processor,
+                picture,
+                prompt,
+                settings,
+                rounds=rounds,
+                warmup=warmup,
+                new_tokens=new_tokens,
+                on_round=lambda done: progress.update(task, completed=done),
+                video=clip,
+                generate=generate,
+                memory=memory,
+            )
+        except (TypeError, ValueError) as error:
+            _fail(str(error))
     env = environment(loaded_model)
     output.mkdir(parents=True, exist_ok=True)
     table = to_markdown(results, env)

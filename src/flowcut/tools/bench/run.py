@@ -347,6 +347,7 @@ def to_markdown(results: Sequence[BenchResult], env: dict[str, Any]) -> str:
         "Device: " + ", ".join(f"{key} {value}" for key, value in env.items()) + ".",
         f"Medians over {len(reference.timings.prefill)} interleaved rounds (min–max in brackets); "
         f"{reference.prompt_tokens} text tokens in the prompt; {generated}.",
+        *(f"Warning: {note}." for note in warnings_for(results)),  # before the table: read first
         "",
         "| setting | visual tokens | encoder ms | prefill ms | generate ms | decode tok/s | prefill peak MiB "
         "| KV cache MiB | prefill GFLOPs | prefill speed-up | FLOP-bound speed-up | scoring ms (share of encoder) |",
@@ -375,6 +376,38 @@ def to_markdown(results: Sequence[BenchResult], env: dict[str, Any]) -> str:
             cells.append("–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+FEW_ROUNDS = 3
+"""Fewer measured rounds than this make medians of single noisy samples."""
+ABOVE_BOUND = 1.5
+"""A measured prefill speed-up this many times its FLOP bound is taken as noise, not as a result."""
+
+
+def warnings_for(results: Sequence[BenchResult]) -> list[str]:
+    """Numbers that cannot be right or are too noisy to read: few rounds, a prefill faster than its own
+    encoder, a measured speed-up far above what the FLOPs allow."""
+    reference = results[0]
+    notes = []
+    rounds = len(reference.timings.prefill)
+    if rounds < FEW_ROUNDS:
+        notes.append(f"only {rounds} measured round(s): timings are single samples; use --rounds {FEW_ROUNDS} or more")
+    for result in results:
+        label = result.setting.label
+        if result.median("prefill") < result.median("vision"):
+            notes.append(
+                f"{label}: the prefill ({result.median('prefill'):.1f} ms) includes the encoder yet measured below it "
+                f"({result.median('vision'):.1f} ms): noisy timings; raise --rounds and --warmup"
+            )
+        if result.flops is not None and reference.flops is not None and result is not reference:
+            measured = reference.median("prefill") / result.median("prefill")
+            bound = reference.flops.total / result.flops.total
+            if measured > ABOVE_BOUND * bound:
+                notes.append(
+                    f"{label}: measured prefill speed-up {measured:.2f}× is far above its FLOP bound {bound:.2f}×: "
+                    "noise or warm-up effects; raise --rounds and --warmup"
+                )
+    return notes
 
 
 def to_dict(results: Sequence[BenchResult], env: dict[str, Any]) -> dict[str, Any]:
