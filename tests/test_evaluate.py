@@ -179,3 +179,11 @@ def test_information_flow_per_layer(llava_grid_model):
     assert 0 < flow["object_area"][0] < 0.2
     # The model's own attention implementation is untouched.
     assert compat.attention_implementation(model.model.vision_tower.config) == "sdpa"
+
+
+def test_information_flow_needs_a_clip_image_tower():
+    from flowcut.testing import build_tiny_qwen
+
+    model, processor = build_tiny_qwen("2")
+    with pytest.raises(ValueError, match="information flow reads a CLIP image tower; Qwen2VLForConditionalGeneration"):
+        information_flow(model, processor, [])

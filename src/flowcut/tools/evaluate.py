@@ -22,6 +22,7 @@ from flowcut.config import FlowCutConfig
 from flowcut.core.language_stage import last_real_positions
 from flowcut.core.scoring import entropy_ratio
 from flowcut.data.shapes import GRID, QUESTION_KINDS, Sample, object_patches
+from flowcut.families import family_of
 from flowcut.tools.prompting import prompt_inputs
 
 METHODS = {
@@ -315,7 +316,11 @@ def information_flow(model: torch.nn.Module, processor: Any, questions: Sequence
     divided by log N (1 = uniform), and the share of that attention on the objects' patches. FlowCut
     relies on attention concentrating with depth; these numbers show whether a model does.
     """
-    tower = copy.deepcopy(model.model.vision_tower).float().eval()
+    family = family_of(model)
+    tower_name = getattr(family, "image_tower_name", None)  # the families with one CLIP image tower declare it
+    if tower_name is None:
+        raise ValueError(f"information flow reads a CLIP image tower; {type(model).__name__} has none")
+    tower = copy.deepcopy(getattr(model.model, tower_name)).float().eval()
     compat.set_attention_implementation(tower.config, "eager")  # the copy only: attention probabilities are needed
     pixel_values = processor.image_processor([sample.image for sample in questions], return_tensors="pt").pixel_values
     with torch.inference_mode():
