@@ -140,6 +140,9 @@ def test_generate_on_llava_next_reports_both_stages(tmp_path):
     ratio = runner.invoke(app, [*arguments, "--keep", "0.25", "--max-new-tokens", "2"])
     assert ratio.exit_code == 0, ratio.output
     assert "visual tokens: 98 of 394" in ratio.output  # round(0.25 * 394) = 98 (half to even)
+    encoder_only = runner.invoke(app, [*arguments, "--keep", "64", "--stages", "encoder", "--max-new-tokens", "2"])
+    assert encoder_only.exit_code == 0, encoder_only.output
+    assert "visual tokens: 64 of 394 (83.8% pruned); all chosen in the vision encoder" in encoder_only.output
 
 
 @pytest.mark.parametrize("family", ["onevision", "qwen2", "qwen2.5"])

@@ -34,6 +34,8 @@ ROWS = [
     (generate("--criteria", "x"), "unknown criteria 'x'; available: all, relation"),
     (generate("--ema-weight", "2"), "ema_weight must be in [0, 1), got 2.0"),
     (generate("--prune-interval", "0"), "prune_interval must be a positive integer, got 0"),
+    (generate("--stages", "language"), "unknown stages 'language'; available: auto, encoder"),
+    (generate("--method", "fastv", "--stages", "encoder"), "'fastv' prunes only inside the language model"),
     (generate("--schedule", "sometimes"), "unknown schedule 'sometimes'; available: progressive, one_shot"),
     (
         ["generate", "--model", "{model}", "--image", "{image}", "--prompt", "<image> <image> what ?"],

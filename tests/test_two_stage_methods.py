@@ -32,6 +32,16 @@ from flowcut.testing import (
 )
 
 METHODS = ("visionzip", "divprune", "random", "pool")
+ENCODER_BUDGET = (*METHODS, "flowcut:encoder")
+"""Every way the encoder stage alone keeps the budget: the baselines, and FlowCut with ``stages="encoder"``."""
+
+
+def method_options(spec: str) -> dict:
+    """``"flowcut:encoder"`` -> FlowCut in encoder-only mode; a plain name -> that method."""
+    name, _, mode = spec.partition(":")
+    return {"method": name, "stages": mode} if mode else {"method": name}
+
+
 LLAVA_PROMPT = "USER: <image>\nwhat is the colour ? ASSISTANT:"
 LLAVA_TEXT_ONLY = "USER: what is the colour ? ASSISTANT:"
 
@@ -88,6 +98,10 @@ def test_the_two_stage_split_is_declared_by_each_method():
     assert stages(get_method("flowcut")) == flowcut.methods.Stages(encoder=True, language=True)
     for name in METHODS:
         assert stages(get_method(name)).encoder_keeps_budget
+        assert stages(get_method(name), "encoder") == stages(get_method(name))
+    assert stages(get_method("flowcut"), "encoder").encoder_keeps_budget
+    with pytest.raises(ValueError, match="'fastv' prunes only inside the language model; stages='encoder' needs"):
+        flowcut.FlowCutConfig(method="fastv", stages="encoder")
     assert stages(get_method("fastv")) == flowcut.methods.Stages(encoder=False, language=True)
     assert stages(get_method("none")) == flowcut.methods.Stages(encoder=False, language=False)
 
@@ -99,10 +113,10 @@ def test_crop_shares_follow_the_sizes_alone():
     assert sum(unit_shares(97, [144, 130, 130, 7, 0])) == 97
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ENCODER_BUDGET)
 def test_exact_budget_in_the_encoder_and_no_language_stage(family, method):
     processor = copy.deepcopy(family.processor)
-    handle = flowcut.apply(family.model, processor=processor, keep=family.keep, method=method)
+    handle = flowcut.apply(family.model, processor=processor, keep=family.keep, **method_options(method))
     try:
         assert handle._family.pruner is None  # nothing prunes inside the language model
         inputs = family.inputs(processor, list(family.images))
@@ -134,11 +148,11 @@ def test_exact_budget_in_the_encoder_and_no_language_stage(family, method):
         handle.remove()
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ENCODER_BUDGET)
 def test_batch_invariance_and_cached_equals_uncached(family, method):
     processor = copy.deepcopy(family.processor)
     first, second = family.images
-    with flowcut.apply(family.model, processor=processor, keep=family.keep, method=method):
+    with flowcut.apply(family.model, processor=processor, keep=family.keep, **method_options(method)):
         alone = [answer(family.model, family.inputs(processor, [image]))[0] for image in (first, second)]
         text = answer(family.model, family.inputs(processor, [None]))[0]
         mixed_inputs = family.inputs(processor, [second, None, first])
@@ -147,12 +161,12 @@ def test_batch_invariance_and_cached_equals_uncached(family, method):
         assert torch.equal(answer(family.model, mixed_inputs, use_cache=False), mixed)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ENCODER_BUDGET)
 def test_left_and_right_padding_give_the_same_next_token(family, method):
     processor = copy.deepcopy(family.processor)
     first, second = family.images
     tokens = []
-    with flowcut.apply(family.model, processor=processor, keep=family.keep, method=method), torch.no_grad():
+    with flowcut.apply(family.model, processor=processor, keep=family.keep, **method_options(method)), torch.no_grad():
         for side in ("left", "right"):
             processor.tokenizer.padding_side = side
             inputs = family.inputs(processor, [first, None, second])
@@ -162,13 +176,13 @@ def test_left_and_right_padding_give_the_same_next_token(family, method):
     assert torch.equal(tokens[0], tokens[1])
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ENCODER_BUDGET)
 def test_keep_at_or_above_the_stock_tokens_is_the_stock_model(family, method):
     inputs = family.inputs(family.processor, list(family.images))
     with torch.no_grad():
         logits = family.model(**inputs).logits
     processor = copy.deepcopy(family.processor)
-    with flowcut.apply(family.model, processor=processor, keep=5000, method=method), torch.no_grad():
+    with flowcut.apply(family.model, processor=processor, keep=5000, **method_options(method)), torch.no_grad():
         pruned = family.inputs(processor, list(family.images))
         assert torch.equal(pruned["input_ids"], inputs["input_ids"])
         assert torch.equal(family.model(**pruned).logits, logits)
@@ -259,13 +273,13 @@ def llava_video(seed: int) -> np.ndarray:
     return np.stack([np.asarray(make_image(1000 * seed + frame)) for frame in range(4)])
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ENCODER_BUDGET)
 @pytest.mark.parametrize("builder", [build_tiny_llava_next_video, build_tiny_llava_onevision])
 def test_llava_videos_keep_each_frames_share(builder, method):
     model, processor = builder(seed=0, text_layers=4)
     processor.tokenizer.padding_side = "left"
     prompt = "USER: <video>\nwhat is the colour of the circle ? ASSISTANT:"
-    with flowcut.apply(model, processor=processor, keep=18, method=method) as handle:
+    with flowcut.apply(model, processor=processor, keep=18, **method_options(method)) as handle:
         inputs = processor(videos=[llava_video(0), llava_video(1)], text=[prompt, prompt], return_tensors="pt")
         assert (inputs["input_ids"] == model.config.video_token_id).sum(1).tolist() == [18, 18]
         cached = answer(model, inputs, bad_words_ids=[[model.config.video_token_id]])
@@ -276,13 +290,13 @@ def test_llava_videos_keep_each_frames_share(builder, method):
         assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ENCODER_BUDGET)
 def test_qwen_videos_keep_each_temporal_slices_share(method):
     model, processor = build_tiny_qwen("2.5")
     video = np.stack([np.asarray(picture(48, 64, frame)) for frame in range(4)])  # two temporal slices
     content = [{"type": "video"}, {"type": "text", "text": "what is the colour ?"}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    with flowcut.apply(model, processor=processor, keep=9, method=method) as handle:
+    with flowcut.apply(model, processor=processor, keep=9, **method_options(method)) as handle:
         inputs = processor(videos=[video], text=[text], return_tensors="pt")
         assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == 9
         cached = answer(model, inputs)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from flowcut.methods import get_method, method_names
+from flowcut.methods import get_method, method_names, stages
 
 METHODS = method_names()
 """Methods available through :func:`flowcut.apply` (see :mod:`flowcut.methods`)."""
@@ -21,6 +21,10 @@ COUNTS = ("adaptive", "uniform")
 
 CRITERIA = ("all", "relation")
 """FlowCut's patch score: SPEC §2's three criteria, or CLS attention alone (ablation: multi-criteria off)."""
+
+STAGE_MODES = ("auto", "encoder")
+"""Where a method prunes on two-stage families: its own split (FlowCut: 2T in the encoder, T after decoder
+layer 1, SPEC §4), or the encoder stage alone delivering T (each crop, frame or slice its share, SPEC §8)."""
 
 _FLOWCUT_ONLY = {
     "schedule": "progressive",
@@ -127,13 +131,23 @@ class FlowCutConfig:
     """``"uniform"``: equal prune steps instead of entropy-adaptive counts (ablation)."""
     criteria: str = "all"
     """``"relation"``: score patches by CLS attention alone (ablation: multi-criteria off)."""
+    stages: str = "auto"
+    """``"encoder"``: on two-stage families (LLaVA-NeXT, OneVision, Qwen-VL) the encoder stage prunes straight
+    to ``keep`` and no decoder layer prunes, so each image's token count is fixed by its size and ``keep``
+    alone (what a server that fixes token counts at admission needs). ``"auto"``: the method's own split.
+    Single-stage families prune in the encoder either way."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", validate_keep(self.keep))
         method = get_method(self.method)  # unknown names are an error listing the known ones
         if isinstance(self.prune_interval, bool) or not isinstance(self.prune_interval, int) or self.prune_interval < 1:
             raise ValueError(f"prune_interval must be a positive integer, got {self.prune_interval!r}")
-        for name, choices in (("schedule", SCHEDULES), ("counts", COUNTS), ("criteria", CRITERIA)):
+        for name, choices in (
+            ("schedule", SCHEDULES),
+            ("counts", COUNTS),
+            ("criteria", CRITERIA),
+            ("stages", STAGE_MODES),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; available: {', '.join(choices)}")
         for name, default in _FLOWCUT_ONLY.items():
@@ -141,6 +155,7 @@ class FlowCutConfig:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} is a FlowCut setting; it does not apply to {self.method!r}"
                 )
+        stages(method, self.stages)  # a method that prunes only in the language model has no encoder-only mode
         if not 0.0 <= self.ema_weight < 1.0:
             raise ValueError(f"ema_weight must be in [0, 1), got {self.ema_weight!r}")
 

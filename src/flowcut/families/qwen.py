@@ -89,7 +89,7 @@ class QwenFamily(MediaFamily):
 
     def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
         self.method = available_method(config.method, two_stage_methods(), type(model).__name__, TWO_STAGE_REASON)
-        self.stages = stages(self.method)
+        self.stages = stages(self.method, config.stages)
         super().__init__(model, on_trace)
         self.config = config
         self.encoder = QwenVisionAdapter(self.base.visual)

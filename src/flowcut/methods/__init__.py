@@ -203,18 +203,24 @@ class Stages:
         return self.encoder and not self.language
 
 
-def stages(method: Method) -> Stages:
+def stages(method: Method, mode: str = "auto") -> Stages:
     """The two-stage split of ``method``: the one rule every two-stage family follows.
 
     FlowCut keeps more than ``T`` in the encoder and finishes after decoder layer 1 (SPEC §4); the
     other encoder methods keep ``T`` in the encoder and leave the language model unpruned, as their
-    authors run them; language-model methods (FastV) prune only there; ``none`` nowhere.
+    authors run them; language-model methods (FastV) prune only there; ``none`` nowhere. ``mode="encoder"``
+    (:attr:`~flowcut.config.FlowCutConfig.stages`) makes every encoder method keep ``T`` in the encoder.
     """
     if not method.prunes:
         return Stages(encoder=False, language=False)
     if method.stage == "language":
+        if mode == "encoder":
+            raise ValueError(
+                f"method {method.name!r} prunes only inside the language model; stages='encoder' needs a method "
+                "that prunes in the vision encoder"
+            )
         return Stages(encoder=False, language=True)
-    return Stages(encoder=method.selects_units, language=method.finishes_in_language_model)
+    return Stages(encoder=method.selects_units, language=method.finishes_in_language_model and mode != "encoder")
 
 
 def two_stage_methods() -> tuple[str, ...]:

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from flowcut.config import COUNTS, CRITERIA, METHODS, SCHEDULES, FlowCutConfig
+from flowcut.config import COUNTS, CRITERIA, METHODS, SCHEDULES, STAGE_MODES, FlowCutConfig
 from flowcut.tools.evaluate import DEFAULT_METHODS
 from flowcut.tools.evaluate import METHODS as EVALUATED_METHODS
 from flowcut.tools.prompting import prompt_inputs
@@ -204,6 +204,13 @@ def generate(
     ema_weight: Annotated[float, typer.Option(help="FlowCut: weight of the previous cumulative score.")] = 0.5,
     prune_interval: Annotated[int, typer.Option(help="FlowCut: prune every this many layers.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of --method random.")] = 0,
+    stages: Annotated[
+        str,
+        typer.Option(
+            help=f"{', '.join(STAGE_MODES)}: 'encoder' prunes two-stage models (LLaVA-NeXT, OneVision, Qwen-VL) "
+            "in the vision encoder alone, no decoder layer prunes."
+        ),
+    ] = "auto",
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 32,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -226,6 +233,7 @@ def generate(
             ema_weight=ema_weight,
             prune_interval=prune_interval,
             seed=seed,
+            stages=stages,
         )
     except (TypeError, ValueError) as error:
         _fail(str(error))
@@ -263,10 +271,12 @@ def generate(
     report.print(answer, markup=False)
     if trace.image_tokens:  # two-stage families: the budget applies after the pruning decoder layer
         stock, entering, kept = trace.image_tokens[0]
-        report.print(
-            f"visual tokens: {kept} of {stock} ({100 * (1 - kept / stock):.1f}% pruned); "
-            f"{entering} enter the language model, {kept} continue after decoder layer 1"
+        where = (
+            "all chosen in the vision encoder"
+            if entering == kept
+            else f"{entering} enter the language model, {kept} continue after decoder layer 1"
         )
+        report.print(f"visual tokens: {kept} of {stock} ({100 * (1 - kept / stock):.1f}% pruned); {where}")
     else:
         report.print(
             f"tokens kept: {handle.tokens_per_image} of {trace.num_patches} per image "
