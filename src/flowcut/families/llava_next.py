@@ -41,7 +41,7 @@ from transformers import (
 )
 
 from flowcut import compat
-from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep, unit_shares
+from flowcut.config import FlowCutConfig, frame_budgets, unit_shares
 from flowcut.core.encoder_stage import EncoderStageOutput
 from flowcut.families.clip import (
     check_select_strategy,
@@ -50,12 +50,10 @@ from flowcut.families.clip import (
     vision_adapter,
     vit_encoder_work,
 )
-from flowcut.methods import TWO_STAGE_REASON, UnitCall, available_method, stages, two_stage_methods
+from flowcut.methods import UnitCall
 from flowcut.runtime.encoding import media_encoding
 from flowcut.runtime.family import EncoderWork, Handler
-from flowcut.runtime.language import decoder_pruner
-from flowcut.runtime.media import Kept, MediaFamily, MediaKind, PassMedia
-from flowcut.runtime.processor import adapt_processor
+from flowcut.runtime.media import Kept, MediaKind, PassMedia, TwoStageFamily
 from flowcut.trace import PruningTrace
 
 
@@ -100,18 +98,16 @@ class VideoLayout:
         return self.stock_tokens if self.frame_keeps is None else sum(self.frame_keeps)
 
 
-class LlavaNextFamily(MediaFamily):
+class LlavaNextFamily(TwoStageFamily):
     """Installs FlowCut on one ``LlavaNextForConditionalGeneration`` instance and removes it again."""
 
     model_classes: tuple[type, ...] = (LlavaNextForConditionalGeneration, LlavaNextVideoForConditionalGeneration)
+    family_name = "LLaVA-NeXT"
     video_newlines = 0
     """Newline tokens the stock model appends to a video (LLaVA-OneVision: one)."""
 
     def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
-        self.method = available_method(config.method, two_stage_methods(), type(model).__name__, TWO_STAGE_REASON)
-        self.stages = stages(self.method, config.stages)
-        super().__init__(model, on_trace)
-        self.config = config
+        super().__init__(model, config, on_trace)
         self.encoder = vision_adapter(self.base.vision_tower)
         model_config = model.config
         self.feature_layer = feature_layer_index(model_config.vision_feature_layer, self.encoder.num_layers)
@@ -126,15 +122,6 @@ class LlavaNextFamily(MediaFamily):
         self.video_token_id = getattr(model_config, "video_token_id", None)
         self.pinpoints = model_config.image_grid_pinpoints
         self.crop_pixels = model_config.vision_config.image_size
-        if self.stages.language:
-            self.pruner = decoder_pruner(
-                self.base.language_model, self.method.language_layer, self.method.language_score
-            )
-
-    @property
-    def tokens_per_image(self) -> int | float:
-        """The budget per image: a token count, or the configured ratio of each image's stock tokens."""
-        return self.config.keep
 
     # -- layouts and budgets --------------------------------------------------------------------
 
@@ -150,7 +137,7 @@ class LlavaNextFamily(MediaFamily):
         patches = side * side
         if single_crop:
             stock = patches + 1  # the base view and one image-newline token
-            budget = tokens_to_keep(self.config.keep, stock) if self.method.prunes else stock
+            budget = self.budget(stock)
             crop_keeps = [budget] if self.stages.encoder and budget < patches else None
             return ImageLayout((0, 0), stock, [], [], budget, crop_keeps)
         size = [int(side) for side in (image_size.tolist() if hasattr(image_size, "tolist") else image_size)]
@@ -174,7 +161,7 @@ class LlavaNextFamily(MediaFamily):
             if ratio > 1.1:
                 stock_rows, stock_columns = int(unpadded_rows // ratio), int(unpadded_columns // ratio)
         stock = patches + stock_rows * stock_columns + stock_rows
-        budget = tokens_to_keep(self.config.keep, stock) if self.method.prunes else stock
+        budget = self.budget(stock)
         crop_keeps = None
         sizes = [patches] + [int(mask.sum()) for mask in eligible]
         if self.stages.encoder_keeps_budget and budget < stock:
@@ -200,7 +187,7 @@ class LlavaNextFamily(MediaFamily):
         """
         side = self.encoder.grid_size[0]
         stock = frames * self.pooled_side(side) ** 2 + self.video_newlines
-        budget = tokens_to_keep(self.config.keep, stock) if self.method.prunes else stock
+        budget = self.budget(stock)
         frame_keeps = None
         patches = side * side
         factor = 2 if self.stages.language else 1  # FlowCut keeps 2T for the language-model stage to finish
@@ -409,35 +396,13 @@ class LlavaNextFamily(MediaFamily):
 
     # -- processor side ---------------------------------------------------------------------
 
-    def patch_processor(self, processor: Any) -> None:
-        """Make ``processor`` write each image's pruned placeholder count (instance-level, reversible)."""
-
-        def placeholders(stock_count: int, image_size: Any) -> int:
-            layout = self._processor_layout(stock_count, image_size)
-            if stock_count != layout.stock_tokens:
-                raise ValueError(
-                    f"the processor makes {stock_count} image tokens for an image of {image_size} but the model "
-                    f"makes {layout.stock_tokens}: processor and model do not match"
-                )
-            return layout.placeholders
-
-        def video_placeholders(stock_count: int, video_inputs: dict, index: int) -> int:
-            layout = self.video_layout(len(video_inputs["pixel_values_videos"][index]))
-            if stock_count != layout.stock_tokens:
-                raise ValueError(
-                    f"the processor makes {stock_count} video tokens for {layout.frames} frames but the model "
-                    f"makes {layout.stock_tokens}: processor and model do not match"
-                )
-            return layout.placeholders
-
-        video = video_placeholders if self.video_token_id is not None else None
-        adapt_processor(processor, self.patch, self.image_token_id, type(self.model).__name__, placeholders, video)
-
-    def _processor_layout(self, stock_count: int, image_size: Any) -> ImageLayout:
-        """The layout of an image the processor gives ``stock_count`` tokens."""
+    def processor_image(self, stock_count: int, image_size: tuple[int, int] | None) -> ImageLayout:
         if image_size is None:
             raise ValueError("the processor did not report the image size")
         return self.layout(image_size)
+
+    def processor_video(self, video_inputs: dict, index: int) -> VideoLayout:
+        return self.video_layout(len(video_inputs["pixel_values_videos"][index]))
 
 
 class LlavaOnevisionFamily(LlavaNextFamily):
@@ -450,6 +415,7 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     """
 
     model_classes = (LlavaOnevisionForConditionalGeneration,)
+    family_name = "LLaVA-OneVision"
 
     def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
         super().__init__(model, config, on_trace)
@@ -468,8 +434,8 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         """LLaVA-OneVision halves each frame's grid by bilinear interpolation, rounding up."""
         return math.ceil(side / 2)
 
-    def _processor_layout(self, stock_count: int, image_size: Any) -> ImageLayout:
+    def processor_image(self, stock_count: int, image_size: tuple[int, int] | None) -> ImageLayout:
         """A stock count of one base view and a newline marks an image of a multi-image prompt."""
         if stock_count == self.encoder.num_patches + 1:
             return self.layout(image_size, single_crop=True)
-        return super()._processor_layout(stock_count, image_size)
+        return super().processor_image(stock_count, image_size)

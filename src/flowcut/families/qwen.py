@@ -33,15 +33,13 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from flowcut import compat
-from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
+from flowcut.config import FlowCutConfig, frame_budgets
 from flowcut.core.encoder_stage import ImageTrace
 from flowcut.families.qwen_vision import QwenVisionAdapter
-from flowcut.methods import TWO_STAGE_REASON, UnitCall, available_method, stages, two_stage_methods
+from flowcut.methods import UnitCall
 from flowcut.runtime.encoding import media_encoding
 from flowcut.runtime.family import EncoderWork, Handler
-from flowcut.runtime.language import decoder_pruner
-from flowcut.runtime.media import Kept, MediaFamily, MediaKind, PassMedia
-from flowcut.runtime.processor import adapt_processor
+from flowcut.runtime.media import Kept, MediaItem, MediaKind, PassMedia, TwoStageFamily
 from flowcut.trace import PruningTrace
 
 IMAGE, VIDEO = 1, 2
@@ -82,34 +80,19 @@ class _Media:
         return sum(self.slice_placeholders)
 
 
-class QwenFamily(MediaFamily):
+class QwenFamily(TwoStageFamily):
     """Installs FlowCut on one Qwen2-VL / Qwen2.5-VL instance and removes it again."""
 
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+    family_name = "Qwen2-VL"
 
     def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
-        self.method = available_method(config.method, two_stage_methods(), type(model).__name__, TWO_STAGE_REASON)
-        self.stages = stages(self.method, config.stages)
-        super().__init__(model, on_trace)
-        self.config = config
+        super().__init__(model, config, on_trace)
         self.encoder = QwenVisionAdapter(self.base.visual)
         self.image_token_id = model.config.image_token_id
         self.video_token_id = model.config.video_token_id
-        if self.stages.language:
-            self.pruner = decoder_pruner(
-                self.base.language_model, self.method.language_layer, self.method.language_score
-            )
-
-    @property
-    def tokens_per_image(self) -> int | float:
-        """The budget per image or video: a token count, or the configured ratio of each item's tokens."""
-        return self.config.keep
 
     # -- budgets ------------------------------------------------------------------------------
-
-    def budget(self, units: int) -> int:
-        """``T``: tokens of an item with ``units`` merged tokens that the later decoder layers see."""
-        return tokens_to_keep(self.config.keep, units) if self.method.prunes else units
 
     def _slice_placeholders(self, slices: int, per_slice: int) -> tuple[int, list[int]]:
         """An item's budget ``T`` and, per slice, its tokens entering the language model.
@@ -434,14 +417,12 @@ class QwenFamily(MediaFamily):
 
     # -- processor side ---------------------------------------------------------------------
 
-    def patch_processor(self, processor: Any) -> None:
-        """Make ``processor`` write each image's and video's pruned placeholder count (instance-level, reversible)."""
+    def processor_image(self, stock_count: int, image_size: tuple[int, int] | None) -> MediaItem:
+        budget, placeholders = self._slice_placeholders(1, stock_count)
+        return MediaItem(stock_count, sum(placeholders), budget)
 
-        def image_placeholders(cells: int, size: Any) -> int:
-            return sum(self._slice_placeholders(1, cells)[1])
-
-        def video_placeholders(cells: int, video_inputs: dict, index: int) -> int:
-            slices = int(video_inputs["video_grid_thw"][index][0])
-            return sum(self._slice_placeholders(slices, cells // slices)[1])
-
-        adapt_processor(processor, self.patch, self.image_token_id, "Qwen2-VL", image_placeholders, video_placeholders)
+    def processor_video(self, video_inputs: dict, index: int) -> MediaItem:
+        slices, rows, columns = (int(side) for side in video_inputs["video_grid_thw"][index])
+        per_slice = rows * columns // self.encoder.group
+        budget, placeholders = self._slice_placeholders(slices, per_slice)
+        return MediaItem(slices * per_slice, sum(placeholders), budget)

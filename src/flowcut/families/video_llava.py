@@ -14,7 +14,6 @@ above the stock count runs the stock path, bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,14 +21,12 @@ from transformers import VideoLlavaForConditionalGeneration
 
 from flowcut import compat
 from flowcut.config import FlowCutConfig, frame_budgets, tokens_to_keep
-from flowcut.core.encoder_stage import ImageTrace
 from flowcut.families.clip import ClipEncoderAdapter, feature_layer_index
-from flowcut.families.llava import LlavaFamily, stock_image_trace
-from flowcut.methods import EncoderCall
-from flowcut.runtime.encoding import media_encoding, total_scoring_seconds
+from flowcut.families.llava import LlavaFamily
+from flowcut.families.single_stage import stock_image_trace
+from flowcut.runtime.encoding import media_encoding
 from flowcut.runtime.family import Handler
 from flowcut.runtime.media import Kept, MediaItem, MediaKind, PassMedia
-from flowcut.runtime.processor import adapt_processor
 from flowcut.trace import PruningTrace
 
 
@@ -114,34 +111,17 @@ class VideoLlavaFamily(LlavaFamily):
             return media_encoding(output, media)
 
         budgets = frame_budgets(item.placeholders, frames, patches) * videos
+
+        def whole_frames(pixels: torch.Tensor) -> torch.Tensor:
+            """Frames kept whole: the stock tower's patches, without the frame's CLS."""
+            encoded = stock(pixel_values_videos=pixels.unsqueeze(1), vision_feature_layer=layer, **kwargs)
+            return encoded.pooler_output[:, 1:]
+
         pixels = pixel_values_videos.flatten(0, 1)
-        features: list[torch.Tensor | None] = [None] * len(budgets)
-        traces: list[ImageTrace | None] = [None] * len(budgets)
-        scoring_seconds: float | None = None
-        # Frames with the same budget are one method call; a frame's tokens depend on it alone.
-        for budget in sorted(set(budgets)):
-            chosen = [frame for frame, frame_budget in enumerate(budgets) if frame_budget == budget]
-            if budget == patches:  # nothing to prune: the stock tower's patches, without the frame's CLS
-                encoded = stock(pixel_values_videos=pixels[chosen].unsqueeze(1), vision_feature_layer=layer, **kwargs)
-                for row, frame in enumerate(chosen):
-                    features[frame] = encoded.pooler_output[row, 1:]
-                    traces[frame] = stock_image_trace(torch.arange(patches), layers, patches)
-                continue
-            call = EncoderCall(
-                replace(self.config, keep=budget),
-                self.video_encoder,
-                pixels[chosen],
-                feature_layer,
-                self.video_encoder.grid_size,
-                self.base.multi_modal_projector,
-            )
-            with self.video_encoder.session() as encoder:
-                selected = self.method.run(replace(call, encoder=encoder))
-            for row, frame in enumerate(chosen):
-                features[frame], traces[frame] = selected.features[row], selected.images[row]
-            scoring_seconds = total_scoring_seconds(scoring_seconds, selected.scoring_seconds)
-        video_features = torch.cat(features).view(videos, item.placeholders, -1)
-        frame_traces = [traces[video * frames : (video + 1) * frames] for video in range(videos)]
+        views = self.encode_views(self.video_encoder, pixels, budgets, feature_layer, whole_frames)
+        scoring_seconds = views.scoring_seconds
+        video_features = torch.cat(views.features).view(videos, item.placeholders, -1)
+        frame_traces = [views.traces[video * frames : (video + 1) * frames] for video in range(videos)]
         media = ([item] * videos, (frame_traces, feature_layer))
         self.publish(PassMedia({"video": media}, scoring_seconds), None, None)
         output = compat.encoder_output(pooler_output=video_features)
@@ -178,24 +158,5 @@ class VideoLlavaFamily(LlavaFamily):
 
     # -- processor side ---------------------------------------------------------------------
 
-    def patch_processor(self, processor: Any) -> None:
-        """Make ``processor`` emit the pruned placeholder counts of images and videos (instance-level, reversible)."""
-        adapt_processor(
-            processor,
-            self.patch,
-            self.image_token_id,
-            self.family_name,
-            self._image_placeholders,
-            self._video_placeholders,
-        )
-
-    def _video_placeholders(self, stock_count: int, video_inputs: dict, index: int) -> int:
-        """Placeholders for video ``index`` of ``video_inputs``, which the processor would give ``stock_count``."""
-        frames = len(video_inputs["pixel_values_videos"][index])
-        item = self.video_item(frames)
-        if stock_count != item.stock_tokens:
-            raise ValueError(
-                f"the processor makes {stock_count} video tokens for {frames} frames but the video tower gives "
-                f"{item.stock_tokens}: processor and model do not match"
-            )
-        return item.placeholders
+    def processor_video(self, video_inputs: dict, index: int) -> MediaItem:
+        return self.video_item(len(video_inputs["pixel_values_videos"][index]))

@@ -24,10 +24,13 @@ from typing import Any
 import torch
 
 from flowcut import compat
+from flowcut.config import FlowCutConfig, tokens_to_keep
+from flowcut.methods import TWO_STAGE_REASON, available_method, stages, two_stage_methods
 from flowcut.runtime.encoding import MediaEncoding, encoded_media, encoding_scoring, total_scoring_seconds
 from flowcut.runtime.family import ModelFamily
-from flowcut.runtime.language import images_key, media_prefill, prompt_layout
-from flowcut.runtime.processor import check_media_placeholders
+from flowcut.runtime.language import decoder_pruner, images_key, media_prefill, prompt_layout
+from flowcut.runtime.processor import adapt_processor, check_media_placeholders
+from flowcut.trace import PruningTrace
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,22 @@ class MediaFamily(ModelFamily):
         media = [(kind.token_id, items[kind.name], kind.name) for kind in self.media_kinds()]
         check_media_placeholders(input_ids, media, self.same_counts_per_item)
 
+    # -- processor side ---------------------------------------------------------------------
+
+    def processor_image(self, stock_count: int, image_size: tuple[int, int] | None) -> Any:
+        """The item of an image of ``image_size`` for which the stock processor writes ``stock_count`` placeholders."""
+        raise NotImplementedError
+
+    def processor_video(self, video_inputs: dict, index: int) -> Any:
+        """The item of video ``index`` of the processor's ``video_inputs`` (families with videos)."""
+        raise NotImplementedError
+
+    def patch_processor(self, processor: Any) -> None:
+        """Make ``processor`` write each item's pruned placeholder count (instance-level, reversible)."""
+        token_ids = {kind.name: kind.token_id for kind in self.media_kinds()}
+        video = self.processor_video if token_ids.get("video") is not None else None
+        adapt_processor(processor, self.patch, token_ids["image"], self.family_name, self.processor_image, video)
+
     def before_forward(
         self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
     ) -> tuple[tuple, dict[str, Any]] | None:
@@ -190,3 +209,26 @@ class MediaFamily(ModelFamily):
         for (token_id, index), mask in kept:
             masks[kinds[token_id]][index] = mask
         self.publish(media, masks, positions)
+
+
+class TwoStageFamily(MediaFamily):
+    """A family whose methods prune where :func:`flowcut.methods.stages` says: in the encoder, after a
+    decoder layer, or both (SPEC §4: LLaVA-NeXT, LLaVA-OneVision, Qwen-VL). ``keep`` is each item's budget."""
+
+    def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
+        self.method = available_method(config.method, two_stage_methods(), type(model).__name__, TWO_STAGE_REASON)
+        self.stages = stages(self.method, config.stages)
+        super().__init__(model, on_trace)
+        self.config = config
+        if self.stages.language:
+            language = self.base.language_model
+            self.pruner = decoder_pruner(language, self.method.language_layer, self.method.language_score)
+
+    @property
+    def tokens_per_image(self) -> int | float:
+        """The budget per image or video: a token count, or the configured ratio of each item's stock tokens."""
+        return self.config.keep
+
+    def budget(self, stock_tokens: int) -> int:
+        """``T``: the tokens of an item of ``stock_tokens`` that the decoder layers after the pruning layer see."""
+        return tokens_to_keep(self.config.keep, stock_tokens) if self.method.prunes else stock_tokens

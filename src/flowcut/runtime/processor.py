@@ -29,16 +29,25 @@ def adapt_processor(
     patch: InstancePatch,
     image_token_id: int,
     family: str,
-    placeholders: Callable[[int, Any], int],
-    video_placeholders: Callable[[int, dict, int], int] | None = None,
+    image_item: Callable[[int, Any], Any],
+    video_item: Callable[[dict, int], Any] | None = None,
 ) -> None:
-    """Make ``processor`` write ``placeholders(n, size)`` image tokens for an image of ``size`` it would give ``n``.
+    """Make ``processor`` write each image's and video's pruned placeholder count.
 
-    ``size`` is the image's original (height, width) where the processor reports it, else None.
-    ``video_placeholders(n, video_inputs, index)``, where given, likewise counts the video tokens of
-    video ``index`` of the processed ``video_inputs`` for which the processor would write ``n``.
-    The changes go into ``patch``; its ``restore()`` undoes them.
+    ``image_item(n, size)`` is the item (its ``stock_tokens`` and ``placeholders``) of an image of
+    ``size`` (its original (height, width) where the processor reports it, else None) for which the
+    processor would write ``n`` placeholders; ``video_item(video_inputs, index)``, where given, that of
+    video ``index`` of the processed ``video_inputs``. A processor whose stock count differs from the
+    item's does not belong to the model, and is refused. The changes go into ``patch``; its
+    ``restore()`` undoes them.
     """
+
+    def placeholders(stock: int, size: Any) -> int:
+        return _checked(image_item(stock, size), stock, "image", f"an image of {size}" if size else "an image")
+
+    def video_placeholders(stock: int, video_inputs: dict, index: int) -> int:
+        return _checked(video_item(video_inputs, index), stock, "video", f"video {index}")  # type: ignore[misc]
+
     if not hasattr(processor, "replace_image_token") or getattr(processor, "image_token", None) is None:
         raise TypeError(f"expected a {family} processor with an image token, got {type(processor).__name__}")
     if getattr(processor, "image_token_id", image_token_id) != image_token_id:
@@ -50,7 +59,7 @@ def adapt_processor(
             "this processor is already adapted by another FlowCut handle; give each pruned model its own "
             "processor instance (copy.deepcopy(processor))"
         )
-    if video_placeholders is not None and (
+    if video_item is not None and (
         getattr(processor, "video_token", None) is None or not hasattr(processor, "replace_video_token")
     ):
         raise TypeError(f"expected a processor with a video token, got {type(processor).__name__}")
@@ -91,8 +100,18 @@ def adapt_processor(
     patch.override(processor, "replace_image_token", wrap_replace)
     if compat.multimodal_token_counter(processor) is not None:
         patch.override(processor, compat.MULTIMODAL_TOKEN_COUNTS, wrap_counts)
-    if video_placeholders is not None:
+    if video_item is not None:
         patch.override(processor, "replace_video_token", wrap_video_replace)
+
+
+def _checked(item: Any, stock: int, kind: str, what: str) -> int:
+    """The item's placeholder count, once its stock count is the processor's."""
+    if item.stock_tokens != stock:
+        raise ValueError(
+            f"the processor makes {stock} {kind} tokens for {what} but the model makes {item.stock_tokens}: "
+            "processor and model do not match"
+        )
+    return item.placeholders
 
 
 def check_placeholder_count(
