@@ -120,17 +120,19 @@ def test_preset_has_the_published_shapes_and_runs_in_smoke_mode(tmp_path):
     unknown = CliRunner().invoke(app, ["bench", "--preset", "llava-13b", "--no-plot"])
     assert (
         unknown.exit_code == 2
-        and "unknown preset 'llava-13b'; available: llava-1.5-7b, video-llava-7b, llava-next-7b, qwen2-vl-7b"
+        and "unknown preset 'llava-13b'; available: llava-1.5-7b, video-llava-7b, llava-next-7b, qwen2-vl-7b, "
+        "qwen3-vl-8b"
         in unknown.output
     )
 
 
 @pytest.mark.parametrize(
     ("name", "budget", "visual"),
-    [("llava-next-7b", "160", [2928, 160]), ("qwen2-vl-7b", "64", [576, 64])],
+    [("llava-next-7b", "160", [2928, 160]), ("qwen2-vl-7b", "64", [576, 64]), ("qwen3-vl-8b", "64", [441, 64])],
 )
 def test_two_stage_presets_run_in_smoke_mode_at_their_reference_resolution(tmp_path, name, budget, visual):
-    """LLaVA-NeXT's 672-px picture is 4 crops + the base view (2,928 tokens); Qwen2-VL's gives 576 merged tokens."""
+    """LLaVA-NeXT's 672-px picture is 4 crops + the base view (2,928 tokens); Qwen2-VL's gives 576 merged tokens,
+    Qwen3-VL's (16-px patches) 441."""
     arguments = ["bench", "--preset", name, "--smoke", "--text-layers", "3", "--no-plot", "--no-generate"]
     options = ["--methods", "flowcut,fastv", "--budgets", budget, "--rounds", "1", "--warmup", "0"]
     result = CliRunner().invoke(app, [*arguments, *options, "--output", str(tmp_path)])
@@ -157,6 +159,18 @@ def test_two_stage_preset_shapes_are_the_published_ones():
     model, _ = build_preset("qwen2-vl-7b", text_layers=3, smoke=True)
     vision, text = model.config.vision_config, model.config.text_config
     assert (vision.embed_dim, vision.mlp_ratio, vision.depth, text.vocab_size) == (80, 4, 32, 152064)
+    qwen3 = PRESETS["qwen3-vl-8b"]
+    assert (qwen3.vision_hidden, qwen3.vision_intermediate, qwen3.vision_layers, qwen3.patch_size) == (
+        1152,
+        4304,
+        27,
+        16,
+    )
+    assert (qwen3.text_hidden, qwen3.text_intermediate, qwen3.text_layers, qwen3.text_kv_heads) == (4096, 12288, 36, 8)
+    model, _ = build_preset("qwen3-vl-8b", text_layers=3, smoke=True)
+    vision = model.config.vision_config
+    assert (vision.hidden_size, vision.depth, vision.deepstack_visual_indexes) == (64, 27, [8, 16, 24])
+    assert vision.num_position_embeddings == 48**2
 
 
 @pytest.mark.parametrize("family", ["qwen2-vl", "llava-next"])

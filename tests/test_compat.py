@@ -335,6 +335,28 @@ def test_qwen_vision_positions():
         assert positions[:5].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [0, 2]]
 
 
+def test_qwen3_vl_position_grid_and_deepstack_seams():
+    model, _ = build_tiny_qwen("3", vision_layers=4, text_layers=2)
+    visual, language = model.model.visual, model.model.language_model
+    grid = torch.tensor([[1, 4, 6]])
+    with seam("Qwen3-VL learned position grid (pos_embed, get_vision_interpolation_indices_and_weights)"):
+        table = compat.interpolated_position_embeddings(visual, grid)
+        assert table.shape == (24, visual.config.hidden_size)
+        # A 4x6 grid resampled from the 8x8 table: its corner patch takes the table's corner exactly.
+        torch.testing.assert_close(table[0], visual.pos_embed.weight[0])
+    with seam("Qwen3-VL DeepStack (deepstack_visual_indexes, deepstack_merger_list, _deepstack_process)"):
+        assert compat.deepstack_layers(visual) == [1, 2]
+        assert compat.deepstack_merger(visual, 2) is visual.deepstack_merger_list[1]
+        hidden = torch.zeros(1, 3, language.config.hidden_size)
+        mask = torch.tensor([[False, True, True]])
+        rows = torch.ones(2, language.config.hidden_size)
+        added = getattr(language, compat.DEEPSTACK_ADD)(hidden, mask, rows)
+        assert added[0, 0].abs().sum() == 0 and torch.equal(added[0, 1:], rows)
+        pixels = torch.zeros(24, 3 * 2 * 4 * 4)
+        output = model.model.get_image_features(pixels, grid)
+        assert isinstance(output, compat.DeepstackEncoderOutput) and len(output.deepstack_features) == 2
+
+
 # -- processors ------------------------------------------------------------------------------------
 
 

@@ -91,11 +91,12 @@ def test_flowcut_prefill_matches_the_flop_counter(eager):
     assert expected.total < stock.total / 2
 
 
-@pytest.mark.parametrize("family", ["qwen2-vl", "llava-next"])
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl", "llava-next"])
 def test_two_stage_family_prefill_flops_match_the_flop_counter(family):
     """Stock: exact. Pruned: the analytic count plus the language stage's scoring products (< 1 %)."""
-    if family == "qwen2-vl":
-        model, processor = build_tiny_qwen("2", attn_implementation="eager", max_pixels=64 * 64)
+    if family.startswith("qwen"):
+        version = family.removeprefix("qwen").removesuffix("-vl")
+        model, processor = build_tiny_qwen(version, attn_implementation="eager", max_pixels=64 * 64)
         image = make_image(0).resize((64, 64))
     else:  # 168 px: a 2x2 grid of 84-px crops plus the base view
         model, processor = build_tiny_llava_next(attn_implementation="eager", text_layers=3)

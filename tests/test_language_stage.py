@@ -12,7 +12,7 @@ import torch
 import flowcut
 from conftest import VISION_OPTIONS, make_image
 from flowcut import compat
-from flowcut.core.language_stage import kept_positions, last_token_scores, uniform_budgets
+from flowcut.core.language_stage import kept_positions, kept_visual_rows, last_token_scores, uniform_budgets
 from flowcut.testing import build_tiny_llava
 
 KEEP = 16
@@ -72,6 +72,15 @@ def test_kept_positions_keep_text_and_each_images_best():
         uniform_budgets(visual, 3, 1)
     with pytest.raises(ValueError, match="a row holds 4 visual tokens, but its images have 3"):
         kept_positions(scores, visual, [[3]], [[1]])
+
+
+def test_kept_visual_rows_follow_the_kept_positions_row_major():
+    visual = torch.tensor([[False, True, True, True, False], [True, True, False, False, False]])
+    rows = torch.arange(5).float()[:, None] * 10  # one row per visual token: 0, 10, 20 (row 0); 30, 40 (row 1)
+    positions = torch.tensor([[0, 2, 4], [1, 2, 3]])
+    mask, kept = kept_visual_rows(visual, rows, positions)
+    assert mask.tolist() == [[False, True, False], [True, False, False]]
+    assert kept.squeeze(1).tolist() == [10.0, 40.0]
 
 
 def test_rows_that_keep_fewer_tokens_are_padded_with_hidden_fillers():

@@ -14,7 +14,7 @@ from flowcut.core.encoder_stage import EncoderStageSettings, run_encoder_stage
 from flowcut.families.qwen_vision import QwenVisionAdapter
 from flowcut.testing import build_tiny_qwen
 
-VERSIONS = ("2", "2.5")
+VERSIONS = ("2", "2.5", "3", "3-moe")
 QUESTION = "what is the colour ?"
 
 

@@ -16,6 +16,7 @@ BUILDERS = {
     "llava-next-video": lambda: testing.build_tiny_llava_next_video(vision_layers=3, text_layers=3),
     "llava-onevision": lambda: testing.build_tiny_llava_onevision(vision_layers=3, text_layers=3),
     "qwen2-vl": lambda: testing.build_tiny_qwen("2", vision_layers=3, text_layers=3),
+    "qwen3-vl": lambda: testing.build_tiny_qwen("3", vision_layers=4, text_layers=3),
     "video-llava": lambda: testing.build_tiny_video_llava(vision_layers=3, text_layers=3),
 }
 ENTRY_POINTS = ("get_image_features", "get_video_features", "get_rope_index")
@@ -53,12 +54,14 @@ def test_remove_brings_back_the_instances_own_overrides_and_hooks(family, method
             own[name] = lambda *args, _stock=stock, **kwargs: _stock(*args, **kwargs)
             setattr(base, name, own[name])
     before_dict, before_hooks = dict(base.__dict__), hook_counts(model)
+    language_before = dict(base.language_model.__dict__)
     handle = flowcut.apply(model, processor=processor, keep=4, method=method)
     assert any(base.__dict__[name] is not own[name] for name in own)  # FlowCut wrapped them
     handle.remove()
     handle.remove()
     assert {name: base.__dict__[name] for name in own} == own
     assert base.__dict__.keys() == before_dict.keys()
+    assert base.language_model.__dict__.keys() == language_before.keys()  # Qwen3-VL's DeepStack entry too
     assert hook_counts(model) == before_hooks
     # Applying again after removal starts from the same state and undoes to it again.
     flowcut.apply(model, processor=processor, keep=4, method=method).remove()

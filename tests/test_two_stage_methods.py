@@ -83,7 +83,7 @@ def _build(name: str) -> Family:
     return Family(name, model, processor, 64, (picture(60, 150, 0), picture(100, 90, 1)))  # 1x2 and 2x2 crops
 
 
-@pytest.fixture(scope="module", params=("llava-next", "llava-onevision", "qwen2", "qwen2.5"))
+@pytest.fixture(scope="module", params=("llava-next", "llava-onevision", "qwen2", "qwen2.5", "qwen3"))
 def family(request) -> Family:
     return _build(request.param)
 

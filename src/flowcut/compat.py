@@ -28,10 +28,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip import modeling_clip
 from transformers.models.llava_next import modeling_llava_next
+from transformers.models.qwen3_vl import modeling_qwen3_vl
 from transformers.models.siglip import modeling_siglip
 from transformers.video_utils import VideoMetadata as VideoMetadata  # for flowcut.testing
 from transformers.video_utils import make_batched_videos as make_batched_videos  # for flowcut.testing
-from transformers.vision_utils import get_vision_position_ids
+from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 
@@ -236,6 +237,36 @@ unpad_image = modeling_llava_next.unpad_image
 
 vision_position_ids = get_vision_position_ids
 """Qwen-VL: the (row, column) rotary position of every patch, in the tower's merge-group order."""
+
+DeepstackEncoderOutput = modeling_qwen3_vl.BaseModelOutputWithDeepstackFeatures
+"""Qwen3-VL's ``get_image_features`` output: the pooled output and ``deepstack_features`` (per layer, per item)."""
+
+
+def interpolated_position_embeddings(visual: torch.nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
+    """Qwen3-VL's learned position grid resampled to each item's patch grid, in the tower's packed order."""
+    indices, weights = get_vision_interpolation_indices_and_weights(
+        grid_thw,
+        num_grid_per_side=visual.num_grid_per_side,
+        mode=visual.interpolation_mode,
+        align_corners=visual.interpolation_align_corners,
+        spatial_merge_size=visual.config.spatial_merge_size,
+    )
+    return (visual.pos_embed(indices) * weights[:, :, None]).sum(1)
+
+
+def deepstack_layers(visual: torch.nn.Module) -> list[int]:
+    """The vision blocks whose outputs DeepStack hands to the first decoder layers ([] for towers without)."""
+    return sorted(set(getattr(visual, "deepstack_visual_indexes", None) or []))  # the order the tower emits them
+
+
+def deepstack_merger(visual: torch.nn.Module, block: int) -> torch.nn.Module:
+    """The merger DeepStack applies to vision block ``block``'s output."""
+    return visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(block)]
+
+
+DEEPSTACK_ADD = "_deepstack_process"
+"""Qwen3-VL's text model method that adds one decoder layer's DeepStack features at the visual positions:
+``(hidden_states, visual_pos_masks, visual_embeds)``; FlowCut replaces it on the instance."""
 
 
 # -- processors ------------------------------------------------------------------------------------

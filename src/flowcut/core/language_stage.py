@@ -169,3 +169,18 @@ def kept_positions(
         is_filler = torch.cat([torch.zeros_like(row, dtype=torch.bool), torch.ones_like(extra, dtype=torch.bool)])
         fillers.append(is_filler[order.indices])
     return torch.stack(padded), torch.stack(fillers)
+
+
+def kept_visual_rows(
+    visual: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values given per visual token, for the tokens that continue past the pruning layer.
+
+    ``rows`` holds one row per visual token of the ``(B, L)`` mask ``visual``, in row-major order
+    (Qwen3-VL's DeepStack features); ``positions`` (``(B, L')``, from :func:`kept_positions`) are the
+    positions later layers hold. Returns their ``(B, L')`` visual mask and the rows of their visual
+    tokens, in the same row-major order.
+    """
+    rank = visual.flatten().long().cumsum(0).view_as(visual) - 1
+    kept_visual = visual.gather(1, positions)
+    return kept_visual, rows[rank.gather(1, positions)[kept_visual]]

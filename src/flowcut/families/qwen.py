@@ -80,6 +80,15 @@ class _Media:
         return sum(self.slice_placeholders)
 
 
+def _per_item(slices: list[torch.Tensor], items: list[_Media]) -> tuple[torch.Tensor, ...]:
+    """Per-slice tokens joined into each item's tokens (an image is one slice, a video several)."""
+    joined, first = [], 0
+    for item in items:
+        joined.append(torch.cat(slices[first : first + item.slices]))
+        first += item.slices
+    return tuple(joined)
+
+
 class QwenFamily(TwoStageFamily):
     """Installs FlowCut on one Qwen2-VL / Qwen2.5-VL instance and removes it again."""
 
@@ -185,16 +194,21 @@ class QwenFamily(TwoStageFamily):
         with self.encoder.session(slice_grid_thw) as encoder:
             stage = self.method.select_units(replace(call, encoder=encoder))
             features = encoder.merge(stage.hidden_states, stage.counts)
-        pooled, first = [], 0
+            deepstack = encoder.deepstack([image.kept_indices for image in stage.images])
+        first = 0
         for item in items:
             slices = range(first, first + item.slices)
             item.encoder_slices = [stage.images[index] for index in slices]
             item.kept_units = torch.cat(
                 [stage.images[index].kept_indices + k * item.cells_per_slice for k, index in enumerate(slices)]
             )
-            pooled.append(torch.cat([features[index] for index in slices]))
             first += item.slices
-        output = compat.encoder_output(last_hidden_state=stage.hidden_states, pooler_output=tuple(pooled))
+        output = compat.encoder_output(last_hidden_state=stage.hidden_states, pooler_output=_per_item(features, items))
+        if deepstack:  # Qwen3-VL: the DeepStack features of the same kept units
+            fields = dict(output.items())
+            output = compat.DeepstackEncoderOutput(
+                **fields, deepstack_features=[_per_item(layer, items) for layer in deepstack]
+            )
         if not kwargs.get("return_dict", True):
             return output.to_tuple()
         return media_encoding(output, (items, grid_thw), stage.scoring_seconds)
@@ -401,8 +415,8 @@ class QwenFamily(TwoStageFamily):
     @classmethod
     def encoder_work(cls, model: torch.nn.Module, trace: PruningTrace | None, inputs: Any) -> EncoderWork | None:
         """Every temporal slice an encoder pass; the merger maps the units the passes hand on."""
-        if model.config.model_type != "qwen2_vl":
-            return None  # Qwen2.5-VL's windowed attention is not counted yet
+        if model.config.model_type not in ("qwen2_vl", "qwen3_vl"):
+            return None  # Qwen2.5-VL's windowed attention and Qwen3-VL-MoE's experts are not counted yet
         video = inputs.get("pixel_values_videos") is not None
         traced = []
         if trace is not None:

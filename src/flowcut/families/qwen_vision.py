@@ -50,10 +50,16 @@ class QwenVisionAdapter:
         self.window_units = visual.window_size // self.merge_size // visual.patch_size if self.windowed_blocks else 0
         self.config = visual.config
         self._eager = compat.eager_attention(self.blocks[0].attn)
+        self.deepstack_layers = compat.deepstack_layers(visual)
+        """Qwen3-VL: the blocks whose outputs DeepStack hands to the language model ([] elsewhere)."""
+        self.learned_positions = hasattr(visual, "pos_embed")
+        """Qwen3-VL adds a learned position grid, resampled to each image, to the patch embeddings."""
         # Set only on the pass adapter session() yields: its images' grids, and their rotary angles once embedded.
         self._grid_thw: torch.Tensor | None = None
         self._grids: list[tuple[int, int]] = []
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._deepstack: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        """Per DeepStack block: its output and the units its slots hold (this pass's units only)."""
 
     @property
     def num_layers(self) -> int:
@@ -79,6 +85,7 @@ class QwenVisionAdapter:
         bound = copy.copy(self)
         bound._grids = self.unit_grids(grid_thw, self.merge_size)
         bound._grid_thw = grid_thw
+        bound._deepstack = {}
         yield bound
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -89,6 +96,8 @@ class QwenVisionAdapter:
         if self._grid_thw is None:
             raise RuntimeError("embed needs the adapter QwenVisionAdapter.session() yields")
         patches = self.visual.patch_embed(pixel_values.type(self.visual.dtype))
+        if self.learned_positions:
+            patches = patches + compat.interpolated_position_embeddings(self.visual, self._grid_thw).to(patches.dtype)
         position_ids = compat.vision_position_ids(self._grid_thw, self.merge_size)
         cos, sin = self.visual.rotary_pos_emb(patches, position_ids)
         counts = [rows * columns for rows, columns in self._grids]
@@ -140,7 +149,28 @@ class QwenVisionAdapter:
             )
         result = hidden_states.new_zeros(batch, width, unit_dim)
         result[rows, slots] = output.reshape(-1, unit_dim)
+        if index in self.deepstack_layers:  # every unit kept at the end is alive here
+            self._deepstack[index] = (result, positions)
         return result
+
+    def deepstack(self, kept_units: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """DeepStack's features of each row's kept units (ascending unit indices): per DeepStack block, per row.
+
+        A unit's feature is the DeepStack merger applied to its own state after that block, whether
+        or not other units were pruned before it, as the stock tower computes it for every unit.
+        """
+        features = []
+        for block in self.deepstack_layers:
+            states, positions = self._deepstack[block]
+            merger = compat.deepstack_merger(self.visual, block)
+            dim = states.shape[-1] // self.group
+            per_row = []
+            for row, kept in enumerate(kept_units):
+                slot_of = {int(unit): slot for slot, unit in enumerate(positions[row].tolist()) if unit >= 0}
+                slots = torch.tensor([slot_of[int(unit)] for unit in kept], dtype=torch.long, device=states.device)
+                per_row.append(merger(states[row, slots].reshape(-1, dim)))
+            features.append(per_row)
+        return features
 
     def _packing(
         self, index: int, counts: list[int], positions: torch.Tensor

@@ -10,6 +10,7 @@ stock output class with the family's description of its items as a field.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from flowcut import compat
@@ -27,15 +28,24 @@ class MediaEncoding(compat.EncoderOutput):
     """``len(pooler_output)`` as encoded (per item, or per video frame as Video-LLaVA's stock path gives)."""
 
 
-def media_encoding(output: Any, media: tuple[Any, Any], scoring_seconds: float | None = None) -> Any:
-    """``output`` (a ``get_*_features`` result) as a :class:`MediaEncoding` of ``media``.
+@cache
+def _encoding_class(output_class: type) -> type:
+    """The :class:`MediaEncoding` of a family's own output class (Qwen3-VL's adds DeepStack features)."""
+    if output_class is compat.EncoderOutput:
+        return MediaEncoding
+    return dataclass(type(f"Media{output_class.__name__}", (MediaEncoding, output_class), {}))
 
-    Anything but the output class (a tuple asked for with ``return_dict=False``) is returned as it is.
+
+def media_encoding(output: Any, media: tuple[Any, Any], scoring_seconds: float | None = None) -> Any:
+    """``output`` (a ``get_*_features`` result) as a :class:`MediaEncoding` of ``media``, of its own class.
+
+    Anything but an output object (a tuple asked for with ``return_dict=False``) is returned as it is.
     """
     if not isinstance(output, compat.EncoderOutput):
         return output
     rows = len(output.pooler_output)
-    return MediaEncoding(**dict(output.items()), media=media, scoring_seconds=scoring_seconds, rows=rows)
+    fields = dict(output.items())
+    return _encoding_class(type(output))(**fields, media=media, scoring_seconds=scoring_seconds, rows=rows)
 
 
 def encoded_media(encoding: Any, kind: str) -> Any:

@@ -82,7 +82,10 @@ class ModelFamily:
         """The inner model's methods as they were before :meth:`install`, by name."""
 
     def entry_points(self) -> dict[str, Handler]:
-        """The inner model's methods FlowCut replaces on this instance, each with its handler."""
+        """The inner model's methods FlowCut replaces on this instance, each with its handler.
+
+        A name is a method of the inner model, or ``"submodule.method"`` for one of its submodules.
+        """
         raise NotImplementedError
 
     def before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -107,7 +110,9 @@ class ModelFamily:
         if self.pruner is not None:
             check_attention(compat.attention_implementation(self.model.config.text_config), "the language model")
         for name, handler in self.entry_points().items():
-            self.stock[name] = self.patch.override(self.base, name, _replacement(handler))
+            owner, _, method = name.rpartition(".")  # "language_model._deepstack_process": a submodule's method
+            target = self.base.get_submodule(owner) if owner else self.base
+            self.stock[name] = self.patch.override(target, method, _replacement(handler))
         self.patch.hook(self.model.register_forward_pre_hook(self.before_forward, with_kwargs=True))
         if self.pruner is not None:
             self.pruner.install()

@@ -23,6 +23,7 @@ from flowcut.core.encoder_stage import AttentionRecorder
 from flowcut.core.language_stage import (
     kept_per_image,
     kept_positions,
+    kept_visual_rows,
     last_real_positions,
     last_token_scores,
     media_budgets,
@@ -326,6 +327,17 @@ class DecoderPruner:
         if lengths is None:
             lengths, _ = prefill.budgets(visual)
         prefill.report(positions, kept_per_image(positions, visual, filler, lengths))
+
+    def visual_rows(self, visual: torch.Tensor, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values given per visual token of the full prompt (``visual``, its ``(B, L)`` mask; ``rows``), for a
+        later layer of the pass being pruned whose sequence is ``length`` long: the kept tokens' (mask, rows).
+
+        Where the sequence is the full prompt (nothing pruned before this point), they come back as they are.
+        """
+        pruned = self.pruned
+        if length == visual.shape[1] or pruned is None or pruned.positions.shape[1] != length:
+            return visual, rows
+        return kept_visual_rows(visual, rows, pruned.positions.to(visual.device))
 
     def refuse_static_cache(self, cache: Any, method: str) -> None:
         """Static (compileable) caches keep the full prompt length: pruning after a layer cannot use them."""

@@ -38,6 +38,11 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
+    Qwen3VLProcessor,
     SiglipVisionConfig,
     VideoLlavaConfig,
     VideoLlavaForConditionalGeneration,
@@ -234,7 +239,7 @@ def save_tiny_llava(directory: str | Path, seed: int = 0, **options: int | float
     return directory
 
 
-QWEN_VERSIONS = ("2", "2.5")
+QWEN_VERSIONS = ("2", "2.5", "3", "3-moe")
 
 
 class FrameVideoProcessor:
@@ -334,13 +339,17 @@ def build_tiny_qwen(
     text_intermediate: int | None = None,
     text_kv_heads: int | None = None,
     vocab_size: int | None = None,
-) -> tuple[Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor]:
-    """A random tiny Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) and its processor.
+    deepstack_layers: list[int] | None = None,
+    position_grid: int = 8,
+) -> tuple[torch.nn.Module, Qwen2VLProcessor | Qwen3VLProcessor]:
+    """A random tiny Qwen2-VL (``"2"``), Qwen2.5-VL (``"2.5"``) or Qwen3-VL (``"3"``, ``"3-moe"``) and its processor.
 
     Images are resized by the processor's own dynamic-resolution rule (multiples of
     ``2 * patch_size``, at most ``max_pixels``); Qwen2.5-VL's windows span ``window_size`` pixels.
     Widths default to twice the hidden sizes and half as many key-value heads; ``vocab_size`` may
-    exceed the tokenizer's (a model-sized embedding and output layer for timing).
+    exceed the tokenizer's (a model-sized embedding and output layer for timing). Qwen3-VL only:
+    ``deepstack_layers`` (default: three blocks spread over the tower) and the side of its learned
+    position grid, ``position_grid``.
     """
     if version not in QWEN_VERSIONS:
         raise ValueError(f"unknown Qwen version {version!r}; available: {', '.join(QWEN_VERSIONS)}")
@@ -394,6 +403,27 @@ def build_tiny_qwen(
         vision.update(embed_dim=vision_hidden, hidden_size=text_hidden, mlp_ratio=vision_intermediate // vision_hidden)
         config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
         model_class, processor_class = Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    elif version.startswith("3"):
+        # DeepStack: intermediate vision blocks feed the first decoder layers; the learned position
+        # grid is interpolated to each image's patch grid.
+        vision.update(
+            hidden_size=vision_hidden,
+            intermediate_size=vision_intermediate,
+            out_hidden_size=text_hidden,
+            num_position_embeddings=position_grid**2,
+            deepstack_visual_indexes=deepstack_layers
+            or sorted({min(1, vision_layers - 1), vision_layers // 2, max(0, vision_layers - 2)}),
+        )
+        rope["mrope_interleaved"] = True
+        text.update(head_dim=head_dim)
+        if version == "3-moe":
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=text_hidden, decoder_sparse_step=1)
+            config = Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids)
+            model_class = Qwen3VLMoeForConditionalGeneration
+        else:
+            config = Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+            model_class = Qwen3VLForConditionalGeneration
+        processor_class = Qwen3VLProcessor
     else:
         vision.update(
             hidden_size=vision_hidden,

@@ -1,4 +1,4 @@
-"""Analytic FLOPs of a LLaVA- or Qwen2-VL-style prefill in the paper's convention (the benchmark's yardstick).
+"""Analytic FLOPs of a LLaVA- or Qwen-VL-style prefill in the paper's convention (the benchmark's yardstick).
 
 Convention: 2 FLOPs per multiply-add; matrix products only (norms, activations, softmax and
 biases are not counted); the vision encoder is counted layer by layer with the tokens each layer
@@ -46,6 +46,9 @@ class ProjectorShape:
     in_features: int
     hidden_features: int
     out_features: int
+    copies: int = 1
+    """Projectors of this shape over the same tokens (Qwen3-VL: its merger and one DeepStack merger per
+    DeepStack block)."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,13 @@ def scoring_flops(hidden: int, scored_tokens: Sequence[int]) -> int:
 
 
 def projector_flops(shape: ProjectorShape, tokens: int) -> int:
-    """The two-layer projector over ``tokens`` of its inputs."""
-    return 2 * tokens * (shape.in_features * shape.hidden_features + shape.hidden_features * shape.out_features)
+    """The two-layer projector (each of its copies) over ``tokens`` of its inputs."""
+    return (
+        2
+        * shape.copies
+        * tokens
+        * (shape.in_features * shape.hidden_features + shape.hidden_features * shape.out_features)
+    )
 
 
 def text_layer_flops(shape: TextShape, tokens: int) -> int:

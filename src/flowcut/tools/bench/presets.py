@@ -38,7 +38,11 @@ class Preset:
     """Frames per video of a video model (Video-LLaVA); 0 for image models."""
     family: str = "llava"
     """The architecture the shapes describe, by its transformers model type: ``llava``, ``video_llava``,
-    ``llava_next`` or ``qwen2_vl``."""
+    ``llava_next``, ``qwen2_vl`` or ``qwen3_vl``."""
+    deepstack_layers: tuple[int, ...] = ()
+    """Qwen3-VL: the vision blocks DeepStack feeds to the first decoder layers."""
+    position_grid: int = 0
+    """Qwen3-VL: the side of the learned position grid."""
     picture_size: int | None = None
     """Side of the default square picture the benchmark asks about (None: the shapes-VQA picture as it is,
     336 px). LLaVA-NeXT's 672-px picture is a 2×2 grid of crops plus the base view; Qwen2-VL's token count
@@ -92,6 +96,26 @@ PRESETS = {
         text_kv_heads=4,
         vocab_size=152064,
     ),
+    "qwen3-vl-8b": Preset(
+        "Qwen3-VL-8B: a 672-px picture through its 27-layer, 1152-wide ViT (1,764 patches of 16 px, merged 2×2 "
+        "into 441 tokens; DeepStack from blocks 8, 16, 24) + a 36-layer, 4096-wide Qwen3 with 8 key-value heads",
+        image_size=672,
+        family="qwen3_vl",
+        picture_size=672,
+        patch_size=16,
+        vision_hidden=1152,
+        vision_intermediate=4304,
+        vision_layers=27,
+        vision_heads=16,
+        text_hidden=4096,
+        text_intermediate=12288,
+        text_layers=36,
+        text_heads=32,
+        text_kv_heads=8,
+        vocab_size=151936,
+        deepstack_layers=(8, 16, 24),
+        position_grid=48,
+    ),
 }
 
 SMOKE_DIVISOR = 16
@@ -113,13 +137,16 @@ def build_preset(
     text_heads, text_kv_heads = preset.text_heads, preset.text_kv_heads
     if smoke:
         text_heads, text_kv_heads = 4, min(4, text_kv_heads)
+    vision_hidden = preset.vision_hidden // divisor
+    if smoke:  # Qwen3-VL's 2-D rotary needs head widths divisible by 4 (1152 / 16 = 72 becomes 64)
+        vision_hidden -= vision_hidden % (4 * vision_heads)
     options = {
         "seed": seed,
         "patch_size": preset.patch_size,
         "dtype": dtype,
         "vocab_size": preset.vocab_size,
         "vision_layers": preset.vision_layers,
-        "vision_hidden": preset.vision_hidden // divisor,
+        "vision_hidden": vision_hidden,
         "vision_intermediate": preset.vision_intermediate // divisor,
         "vision_heads": vision_heads,
         "text_layers": layers,
@@ -130,5 +157,11 @@ def build_preset(
     }
     if preset.family == "qwen2_vl":  # image_size: the largest picture, in pixels per side
         return build_tiny_qwen("2", max_pixels=preset.image_size**2, **options)
+    if preset.family == "qwen3_vl":
+        deepstack = list(preset.deepstack_layers)
+        grid = preset.position_grid
+        return build_tiny_qwen(
+            "3", max_pixels=preset.image_size**2, deepstack_layers=deepstack, position_grid=grid, **options
+        )
     builders = {"llava": build_tiny_llava, "video_llava": build_tiny_video_llava, "llava_next": build_tiny_llava_next}
     return builders[preset.family](image_size=preset.image_size, **options)

@@ -134,8 +134,10 @@ def _cache_bytes(cache: Any) -> int:
 
 VIT_TOWERS = ("clip_vision_model", "siglip_vision_model")
 """ViT towers with a fixed grid (CLIP: one CLS token; SigLIP: none) and LLaVA's two-layer projector."""
-QWEN_TOWERS = ("qwen2_vl_vision",)
-"""Qwen2-VL's tower: no CLS, 3-D patches, 2×2 merger (Qwen2.5-VL's windowed attention is not counted yet)."""
+QWEN_TOWERS = ("qwen2_vl_vision", "qwen3_vl_vision")
+"""Qwen2-VL's and Qwen3-VL's towers: no CLS, 3-D patches, 2×2 merger (Qwen3-VL: plus one DeepStack merger per
+DeepStack block; its learned position grid is a weighted lookup, no product). Qwen2.5-VL's windowed attention
+and Qwen3-VL-MoE's experts are not counted yet."""
 
 
 def model_shapes(
@@ -172,10 +174,13 @@ def model_shapes(
     if vision.model_type in QWEN_TOWERS:
         if patches is None:
             raise ValueError("Qwen2-VL's FLOPs need the patches per encoder pass (its resolution is dynamic)")
-        width = vision.embed_dim
+        if vision.model_type == "qwen2_vl_vision":
+            width, intermediate = vision.embed_dim, int(vision.embed_dim * vision.mlp_ratio)
+        else:
+            width, intermediate = vision.hidden_size, vision.intermediate_size
         shape = VisionShape(
             width,
-            int(width * vision.mlp_ratio),
+            intermediate,
             vision.depth,
             vision.patch_size,
             patches,
@@ -184,7 +189,8 @@ def model_shapes(
             temporal_patch=vision.temporal_patch_size,
         )
         merged = width * vision.spatial_merge_size**2
-        return shape, ProjectorShape(merged, merged, text.hidden_size), text_shape
+        mergers = 1 + len(getattr(vision, "deepstack_visual_indexes", None) or [])
+        return shape, ProjectorShape(merged, merged, text.hidden_size, mergers), text_shape
     return None
 
 

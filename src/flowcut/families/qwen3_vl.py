@@ -1,0 +1,71 @@
+"""Qwen3-VL (dense and MoE): Qwen2-VL's two stages, plus DeepStack.
+
+The tower is Qwen2-VL's packed tower without windows, with a learned position grid resampled to
+each image (added before the first block, as the stock tower does) and **DeepStack**: the outputs
+of three intermediate blocks, each through its own merger, are added to the visual tokens after
+the first decoder layers. The mapping of the paper's method is Qwen2-VL's (SPEC §4): no CLS, so the
+global token scores; a unit is a 2×2 merge group; FlowCut keeps ``2T`` groups in the encoder and
+``T`` after decoder layer 1. DeepStack is kept consistent with both stages:
+
+- Encoder stage: each kept unit's DeepStack features are its own state after each DeepStack block
+  through that block's merger — every unit kept at the end is alive there, whatever was pruned
+  before (:meth:`QwenVisionAdapter.deepstack`). Tokens that merge several units (VisionZip's
+  contextual tokens, ``pool`` cells) take the features of the unit they stand at.
+- Language-model stage: the DeepStack additions of the decoder layers at and after the pruning
+  layer go to the kept tokens only (:meth:`DecoderPruner.visual_rows`), through the instance's
+  ``language_model._deepstack_process``; adding before or after dropping the other tokens is the
+  same for the kept ones.
+
+Images only for now: a Qwen3-VL video prompt interleaves timestamp text between its frames, and
+the placeholder and position bookkeeping of such prompts is not written yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+
+from flowcut import compat
+from flowcut.families.qwen import QwenFamily
+from flowcut.runtime.family import Handler
+
+VIDEOS_UNSUPPORTED = (
+    "FlowCut covers Qwen3-VL images; its videos (frames separated by timestamp text) are not supported yet: "
+    "prune video frames as images, or run videos on the stock model (flowcut.apply(..., method='none'))"
+)
+
+
+class Qwen3VLFamily(QwenFamily):
+    """Installs FlowCut on one Qwen3-VL instance (dense or MoE) and removes it again."""
+
+    model_classes = (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)
+    family_name = "Qwen3-VL"
+
+    def entry_points(self) -> dict[str, Handler]:
+        entries = super().entry_points()
+        del entries["get_video_features"]
+        if self.pruner is not None:
+            entries[f"language_model.{compat.DEEPSTACK_ADD}"] = self.deepstack_add
+        return entries
+
+    def deepstack_add(
+        self,
+        stock: Callable[..., torch.Tensor],
+        hidden_states: torch.Tensor,
+        visual_pos_masks: torch.Tensor,
+        visual_embeds: torch.Tensor,
+    ) -> torch.Tensor:
+        """DeepStack's addition after one decoder layer, to the visual tokens that layer holds."""
+        visual, rows = self.pruner.visual_rows(visual_pos_masks, visual_embeds, hidden_states.shape[1])
+        return stock(hidden_states, visual, rows)
+
+    def processor_video(self, video_inputs: dict, index: int) -> Any:
+        raise ValueError(VIDEOS_UNSUPPORTED)
+
+    def before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video"):
+            raise ValueError(VIDEOS_UNSUPPORTED)
+        return super().before_forward(module, args, kwargs)
