@@ -14,7 +14,7 @@ from flowcut.core.encoder_stage import EncoderStageSettings, run_encoder_stage
 from flowcut.families.qwen_vision import QwenVisionAdapter
 from flowcut.testing import build_tiny_qwen
 
-VERSIONS = ("2", "2.5", "3", "3-moe")
+VERSIONS = ("2", "2.5", "3", "3-moe", "3.5")
 QUESTION = "what is the colour ?"
 
 
@@ -22,11 +22,20 @@ WIDE = picture(48, 64, 0)  # 12x16 patches: 6x8 = 48 merged tokens
 TALL = picture(64, 40, 1)  # 16x10 patches: 8x5 = 40 merged tokens
 
 
+ENCODER_ONLY = ("3.5",)
+"""Versions whose language model takes no language-model stage (Qwen3.5: decoder layer 1 is linear attention)."""
+
+
 @pytest.fixture(scope="module", params=VERSIONS)
 def qwen(request):
     model, processor = build_tiny_qwen(request.param)
     processor.tokenizer.padding_side = "left"
     return model, processor
+
+
+def encoder_keep(model, keep: int) -> int:
+    """Merge groups FlowCut's encoder stage keeps for a budget of ``keep``: 2T, or T where the encoder prunes alone."""
+    return keep if model.config.model_type == "qwen3_5" else 2 * keep
 
 
 def prompt(processor, images: int = 1) -> str:
@@ -83,18 +92,22 @@ def test_exact_budgets_two_stages_and_kept_cells(qwen):
     handle = flowcut.apply(model, processor=processor, keep=8)
     try:
         inputs = inputs_for(processor, [[WIDE], [TALL]])
-        # The encoder keeps 2T = 16 merge groups per image: the placeholders the processor wrote.
-        assert (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist() == [16, 16]
+        # The encoder keeps 2T = 16 merge groups per image (Qwen3.5: T): the placeholders the processor wrote.
+        entering = encoder_keep(model, 8)
+        assert (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist() == [entering] * 2
         with torch.no_grad():
             model(**inputs)
         trace = handle.last_trace
-        assert [image.tokens_per_layer[-1] for image in trace.images] == [16, 16]
+        assert [image.tokens_per_layer[-1] for image in trace.images] == [entering] * 2
         assert [len(image.kept_indices) for image in trace.images] == [8, 8]  # after decoder layer 1
         assert trace.image_grids == [(6, 8), (8, 5)]
         for image, cells in zip(trace.images, (48, 40), strict=True):
             kept = image.kept_indices
             assert torch.equal(kept, kept.unique()) and 0 <= int(kept.min()) and int(kept.max()) < cells
             assert set(kept.tolist()) <= set(image.kept_after_prune[-1].tolist())
+        if entering == 8:  # no language-model stage
+            assert trace.language_positions is None and handle._family.pruner is None
+            return
         # Layers 0-1 hold the whole prompt, the later ones 8 of each image's 16 visual tokens.
         assert trace.language_positions.shape[1] == inputs["input_ids"].shape[1] - 8
     finally:
@@ -191,8 +204,12 @@ def test_remove_restores_the_stock_model_and_processor(qwen):
     with torch.no_grad():
         before = model(**inputs).logits
     handle = flowcut.apply(model, processor=processor, keep=8)
-    assert (inputs_for(processor, [[WIDE]])["input_ids"] == model.config.image_token_id).sum() == 16
-    handle.remove()
+    try:
+        assert (inputs_for(processor, [[WIDE]])["input_ids"] == model.config.image_token_id).sum() == encoder_keep(
+            model, 8
+        )
+    finally:
+        handle.remove()
     assert torch.equal(inputs_for(processor, [[WIDE], [TALL]])["input_ids"], inputs["input_ids"])
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, before)
@@ -202,6 +219,11 @@ def test_remove_restores_the_stock_model_and_processor(qwen):
 def test_fastv_prunes_only_inside_the_language_model(qwen):
     model, processor = qwen
     processor = copy.deepcopy(processor)
+    if model.config.model_type == "qwen3_5":
+        with pytest.raises(ValueError, match=r"'fastv' is not available .*Gated DeltaNet .*; available: flowcut"):
+            flowcut.apply(model, processor=processor, keep=8, method="fastv")
+        assert flowcut.get_handle(model) is None and "get_image_features" not in model.model.__dict__
+        return
     handle = flowcut.apply(model, processor=processor, keep=8, method="fastv")
     try:
         inputs = inputs_for(processor, [[WIDE], [TALL]])
@@ -265,7 +287,7 @@ def test_two_models_in_one_process_keep_their_own_settings(qwen):
     ):
         first = inputs_for(first_processor, [[WIDE]])
         second = inputs_for(other_processor, [[WIDE]])
-        assert (first["input_ids"] == model.config.image_token_id).sum() == 16
+        assert (first["input_ids"] == model.config.image_token_id).sum() == encoder_keep(model, 8)
         assert (second["input_ids"] == other.config.image_token_id).sum() == 8
         answer(other, second)
         assert torch.equal(answer(model, first), alone)

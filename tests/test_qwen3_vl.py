@@ -118,7 +118,7 @@ def test_remove_restores_the_language_model_and_videos_are_refused(qwen3):
     before = dict(language.__dict__)
     handle = flowcut.apply(model, processor=copy.deepcopy(processor), keep=8)
     assert compat.DEEPSTACK_ADD in language.__dict__
-    with pytest.raises(ValueError, match=r"Qwen3-VL images; its videos .* are not supported yet"):
+    with pytest.raises(ValueError, match=r"Qwen3-VL and Qwen3.5 images; their videos .* are not supported yet"):
         model(
             input_ids=torch.tensor([[1, 2]]),
             pixel_values_videos=torch.zeros(16, 96),
@@ -126,3 +126,19 @@ def test_remove_restores_the_language_model_and_videos_are_refused(qwen3):
         )
     handle.remove()
     assert language.__dict__.keys() == before.keys()
+
+
+@pytest.mark.parametrize("method", ["flowcut", "visionzip", "divprune", "pool", "random"])
+def test_qwen3_5_prunes_in_the_encoder_alone_to_exactly_the_budget(method):
+    """Qwen3.5's decoder layer 1 is linear attention: every method keeps T merge groups in the encoder."""
+    model, processor = build_tiny_qwen("3.5", vision_layers=4, text_layers=4)
+    processor.tokenizer.padding_side = "left"
+    with flowcut.apply(model, processor=processor, keep=6, method=method) as handle:
+        assert handle._family.pruner is None
+        batch = inputs_for(processor, [WIDE, TALL])
+        assert (batch["input_ids"] == model.config.image_token_id).sum(1).tolist() == [6, 6]
+        with torch.no_grad():
+            model(**batch)
+        trace = handle.last_trace
+        assert [tokens[1:] for tokens in trace.image_tokens] == [(6, 6), (6, 6)]
+        assert all(len(image.kept_indices) == 6 for image in trace.images)

@@ -7,11 +7,19 @@ against a model's class. ``clip`` and ``qwen_vision`` adapt the vision towers th
 from flowcut.families.llava import LlavaFamily
 from flowcut.families.llava_next import LlavaNextFamily, LlavaOnevisionFamily
 from flowcut.families.qwen import QwenFamily
-from flowcut.families.qwen3_vl import Qwen3VLFamily
+from flowcut.families.qwen3_vl import Qwen3_5Family, Qwen3VLFamily
 from flowcut.families.video_llava import VideoLlavaFamily
 from flowcut.runtime.family import ModelFamily
 
-FAMILIES = (LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, QwenFamily, Qwen3VLFamily, VideoLlavaFamily)
+FAMILIES = (
+    LlavaFamily,
+    LlavaNextFamily,
+    LlavaOnevisionFamily,
+    QwenFamily,
+    Qwen3VLFamily,
+    Qwen3_5Family,
+    VideoLlavaFamily,
+)
 """Model-family adapters, tried in order against the model's class."""
 
 
@@ -26,6 +34,7 @@ __all__ = [
     "LlavaNextFamily",
     "LlavaOnevisionFamily",
     "Qwen3VLFamily",
+    "Qwen3_5Family",
     "QwenFamily",
     "VideoLlavaFamily",
     "family_of",

@@ -1,4 +1,4 @@
-"""Qwen3-VL (dense and MoE): Qwen2-VL's two stages, plus DeepStack.
+"""Qwen3-VL (dense and MoE): Qwen2-VL's two stages, plus DeepStack; Qwen3.5: the encoder stage alone.
 
 The tower is Qwen2-VL's packed tower without windows, with a learned position grid resampled to
 each image (added before the first block, as the stock tower does) and **DeepStack**: the outputs
@@ -16,6 +16,12 @@ global token scores; a unit is a 2×2 merge group; FlowCut keeps ``2T`` groups i
   ``language_model._deepstack_process``; adding before or after dropping the other tokens is the
   same for the kept ones.
 
+Qwen3.5 has the same tower without DeepStack, and a hybrid language model whose decoder layers
+0–2 are Gated DeltaNet (linear attention) layers and every fourth layer full attention. Layer 1
+has no attention matrix whose last-token row could score visual tokens (SPEC §3), so the
+language-model stage does not apply there: every encoder method keeps ``T`` in the encoder, as in
+``stages="encoder"`` on the other families, and FastV is refused.
+
 Images only for now: a Qwen3-VL video prompt interleaves timestamp text between its frames, and
 the placeholder and position bookkeeping of such prompts is not written yet.
 """
@@ -26,15 +32,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+from transformers import (
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeForConditionalGeneration,
+)
 
 from flowcut import compat
 from flowcut.families.qwen import QwenFamily
 from flowcut.runtime.family import Handler
 
 VIDEOS_UNSUPPORTED = (
-    "FlowCut covers Qwen3-VL images; its videos (frames separated by timestamp text) are not supported yet: "
-    "prune video frames as images, or run videos on the stock model (flowcut.apply(..., method='none'))"
+    "FlowCut covers Qwen3-VL and Qwen3.5 images; their videos (frames separated by timestamp text) are not "
+    "supported yet: prune video frames as images, or run videos on the stock model (flowcut.apply(..., method='none'))"
 )
 
 
@@ -69,3 +80,14 @@ class Qwen3VLFamily(QwenFamily):
         if kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video"):
             raise ValueError(VIDEOS_UNSUPPORTED)
         return super().before_forward(module, args, kwargs)
+
+
+class Qwen3_5Family(Qwen3VLFamily):
+    """Installs FlowCut on one Qwen3.5 instance (dense or MoE): the encoder stage alone."""
+
+    model_classes = (Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration)
+    family_name = "Qwen3.5"
+    encoder_only_reason = (
+        "Qwen3.5's decoder layer 1 is a Gated DeltaNet (linear attention) layer with no attention to score visual "
+        "tokens by, so the encoder stage prunes alone"
+    )

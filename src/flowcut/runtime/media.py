@@ -25,7 +25,7 @@ import torch
 
 from flowcut import compat
 from flowcut.config import FlowCutConfig, tokens_to_keep
-from flowcut.methods import TWO_STAGE_REASON, available_method, stages, two_stage_methods
+from flowcut.methods import TWO_STAGE_REASON, available_method, get_method, stages, two_stage_methods
 from flowcut.runtime.encoding import MediaEncoding, encoded_media, encoding_scoring, total_scoring_seconds
 from flowcut.runtime.family import ModelFamily
 from flowcut.runtime.language import decoder_pruner, images_key, media_prefill, prompt_layout
@@ -215,9 +215,17 @@ class TwoStageFamily(MediaFamily):
     """A family whose methods prune where :func:`flowcut.methods.stages` says: in the encoder, after a
     decoder layer, or both (SPEC §4: LLaVA-NeXT, LLaVA-OneVision, Qwen-VL). ``keep`` is each item's budget."""
 
+    encoder_only_reason: str | None = None
+    """Why the language model cannot take the language-model stage, where it cannot (Qwen3.5): every method
+    then prunes in the encoder alone, as with ``stages="encoder"``, and language-model methods are refused."""
+
     def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
-        self.method = available_method(config.method, two_stage_methods(), type(model).__name__, TWO_STAGE_REASON)
-        self.stages = stages(self.method, config.stages)
+        offered, reason, mode = two_stage_methods(), TWO_STAGE_REASON, config.stages
+        if self.encoder_only_reason is not None:
+            offered = tuple(name for name in offered if get_method(name).stage != "language")
+            reason, mode = self.encoder_only_reason, "encoder"
+        self.method = available_method(config.method, offered, type(model).__name__, reason)
+        self.stages = stages(self.method, mode)
         super().__init__(model, on_trace)
         self.config = config
         if self.stages.language:

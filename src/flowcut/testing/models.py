@@ -38,6 +38,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
     Qwen2VLProcessor,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
@@ -239,7 +241,7 @@ def save_tiny_llava(directory: str | Path, seed: int = 0, **options: int | float
     return directory
 
 
-QWEN_VERSIONS = ("2", "2.5", "3", "3-moe")
+QWEN_VERSIONS = ("2", "2.5", "3", "3-moe", "3.5")
 
 
 class FrameVideoProcessor:
@@ -342,7 +344,7 @@ def build_tiny_qwen(
     deepstack_layers: list[int] | None = None,
     position_grid: int = 8,
 ) -> tuple[torch.nn.Module, Qwen2VLProcessor | Qwen3VLProcessor]:
-    """A random tiny Qwen2-VL (``"2"``), Qwen2.5-VL (``"2.5"``) or Qwen3-VL (``"3"``, ``"3-moe"``) and its processor.
+    """A random tiny Qwen2-VL (``"2"``), Qwen2.5-VL (``"2.5"``), Qwen3-VL (``"3"``, ``"3-moe"``) or Qwen3.5 (``"3.5"``).
 
     Images are resized by the processor's own dynamic-resolution rule (multiples of
     ``2 * patch_size``, at most ``max_pixels``); Qwen2.5-VL's windows span ``window_size`` pixels.
@@ -403,6 +405,25 @@ def build_tiny_qwen(
         vision.update(embed_dim=vision_hidden, hidden_size=text_hidden, mlp_ratio=vision_intermediate // vision_hidden)
         config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
         model_class, processor_class = Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    elif version == "3.5":
+        # Qwen3-VL's tower without DeepStack; a hybrid language model: Gated DeltaNet layers, every
+        # fourth layer full attention.
+        vision.update(
+            hidden_size=vision_hidden,
+            intermediate_size=vision_intermediate,
+            out_hidden_size=text_hidden,
+            num_position_embeddings=position_grid**2,
+        )
+        rope.update(mrope_interleaved=True, partial_rotary_factor=0.5)
+        text.update(
+            head_dim=head_dim,
+            linear_key_head_dim=head_dim,
+            linear_value_head_dim=head_dim,
+            linear_num_key_heads=max(1, text_heads // 2),
+            linear_num_value_heads=text_heads,
+        )
+        config = Qwen3_5Config(text_config=text, vision_config=vision, **ids)
+        model_class, processor_class = Qwen3_5ForConditionalGeneration, Qwen3VLProcessor
     elif version.startswith("3"):
         # DeepStack: intermediate vision blocks feed the first decoder layers; the learned position
         # grid is interpolated to each image's patch grid.
