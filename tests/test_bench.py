@@ -173,6 +173,26 @@ def test_two_stage_preset_shapes_are_the_published_ones():
     assert vision.num_position_embeddings == 48**2
 
 
+def test_gemma3_preset_has_the_published_shapes_and_runs_in_smoke_mode(tmp_path):
+    from flowcut.tools.bench.presets import PRESETS, build_preset
+
+    gemma = PRESETS["gemma-3-4b"]
+    assert (gemma.image_size // gemma.patch_size, gemma.pooled_tokens, gemma.vision_layers) == (64, 256, 27)
+    assert (gemma.text_hidden, gemma.text_heads, gemma.text_head_dim, gemma.text_kv_heads) == (2560, 8, 256, 4)
+    model, _ = build_preset("gemma-3-4b", text_layers=3, smoke=True)
+    vision, text = model.config.vision_config, model.config.text_config
+    assert (vision.hidden_size, vision.image_size, model.config.mm_tokens_per_image) == (64, 896, 256)
+    assert (text.hidden_size, text.head_dim, text.vocab_size) == (160, 16, 262208)
+    arguments = ["bench", "--preset", "gemma-3-4b", "--smoke", "--text-layers", "3", "--no-plot", "--no-generate"]
+    options = ["--methods", "flowcut", "--budgets", "64", "--rounds", "1", "--warmup", "0", "--no-memory"]
+    result = CliRunner().invoke(app, [*arguments, *options, "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    unpruned, pruned = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert (unpruned["visual_tokens"], pruned["visual_tokens"]) == (256, 64)
+    assert pruned["flops"]["vision"] < unpruned["flops"]["vision"]
+    assert pruned["flops"]["projector"] * 4 == unpruned["flops"]["projector"]  # one matrix per pooled token
+
+
 @pytest.mark.parametrize("family", ["qwen2-vl", "llava-next"])
 def test_two_stage_traces_carry_the_scoring_time_through_generate(family):
     """generate() encodes before its prefill; the encodings bring their scoring time to the prefill's trace."""

@@ -20,7 +20,13 @@ from transformers import DynamicCache, StaticCache
 from conftest import PROMPT, make_image, picture
 from flowcut import compat
 from flowcut.runtime import InstancePatch
-from flowcut.testing import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen
+from flowcut.testing import (
+    build_tiny_gemma3,
+    build_tiny_internvl,
+    build_tiny_llava,
+    build_tiny_llava_next,
+    build_tiny_qwen,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -355,6 +361,55 @@ def test_qwen3_vl_position_grid_and_deepstack_seams():
         pixels = torch.zeros(24, 3 * 2 * 4 * 4)
         output = model.model.get_image_features(pixels, grid)
         assert isinstance(output, compat.DeepstackEncoderOutput) and len(output.deepstack_features) == 2
+
+
+def test_gemma3_pooling_projector_and_siglip_final_norm_seams():
+    model, processor = build_tiny_gemma3(vision_layers=2, text_layers=2)
+    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    pixels = torch.rand(1, 3, 64, 64)
+    with seam("SigLIP final norm (SiglipVisionModel.post_layernorm)"):
+        with torch.no_grad():
+            output = tower(pixel_values=pixels, output_hidden_states=True)
+        torch.testing.assert_close(
+            compat.siglip_post_layernorm(tower)(output.hidden_states[-1]), output.last_hidden_state
+        )
+    with seam("Gemma 3 pooling projector (kernel_size, mm_soft_emb_norm, mm_input_projection_weight)"):
+        assert compat.pooling_cell_side(projector) == 4
+        states = output.last_hidden_state
+        # The mean of each 4×4 square of the 16×16 patch grid, row-major over the squares.
+        means = states.view(1, 4, 4, 4, 4, -1).mean(dim=(2, 4)).reshape(1, 16, -1)
+        with torch.no_grad():
+            torch.testing.assert_close(compat.project_pooled_cells(projector, means), projector(states))
+    with seam("Gemma 3 processor (begin-of-image marker expanded to the tokenizer's image_token)"):
+        assert processor.image_token == "<start_of_image>"
+        assert processor.tokenizer.image_token_id == model.config.image_token_id
+        assert processor.replace_image_token({"num_crops": [0]}, 0).count(processor.tokenizer.image_token) == 16
+
+
+def test_internvl_tower_shuffle_and_final_norm_seams():
+    model, processor = build_tiny_internvl(vision_layers=2, text_layers=2)
+    tower = model.model.vision_tower
+    pixels = torch.rand(2, 3, 32, 32)
+    with seam("InternViT layers (InternVLVisionLayer(hidden_states), its .attention, InternVLVisionEmbeddings)"):
+        layers = [m for m in tower.modules() if isinstance(m, compat.InternVLVisionLayer)]
+        embeddings = next(m for m in tower.modules() if isinstance(m, compat.InternVLVisionEmbeddings))
+        with torch.no_grad():
+            output = tower(pixel_values=pixels, output_hidden_states=True)
+            states = embeddings(pixels)
+            for layer in layers:
+                assert isinstance(layer.attention, torch.nn.Module)
+                states = compat.run_maskless_vision_layer(layer, states)
+        torch.testing.assert_close(states, output.hidden_states[-1])
+    with seam("InternVL final norm (InternVLVisionModel.layernorm)"):
+        torch.testing.assert_close(compat.internvl_final_norm(tower)(states), output.last_hidden_state)
+    with seam("InternVL pixel shuffle order (2×2 groups, patches row-major within a group)"):
+        grid = torch.arange(64.0).reshape(1, 8, 8, 1)  # patch (r, c) holds 8r + c
+        shuffled = model.model.pixel_shuffle(grid, scale_factor=model.config.downsample_ratio)
+        assert shuffled.shape == (1, 4, 4, 4) and shuffled[0, 1, 2].tolist() == [20.0, 21.0, 28.0, 29.0]
+    with seam("InternVL processor (<img> + image_seq_length placeholders per tile + </img>; counter adds 2)"):
+        text = processor.replace_image_token({"num_patches": [3]}, 0)
+        assert text == "<img>" + "<IMG_CONTEXT>" * 48 + "</img>"
+        assert processor.image_token_id == model.config.image_token_id
 
 
 # -- processors ------------------------------------------------------------------------------------

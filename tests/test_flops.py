@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import flowcut
 from conftest import make_image
 from flowcut import compat
-from flowcut.testing import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen
+from flowcut.testing import build_tiny_gemma3, build_tiny_llava, build_tiny_llava_next, build_tiny_qwen
 from flowcut.tools.bench.flops import TextShape, VisionShape, prefill_flops, scoring_flops, vision_layer_flops
 from flowcut.tools.bench.run import BenchSetting, _result
 from flowcut.tools.prompting import prompt_inputs
@@ -91,18 +91,10 @@ def test_flowcut_prefill_matches_the_flop_counter(eager):
     assert expected.total < stock.total / 2
 
 
-@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl", "llava-next"])
-def test_two_stage_family_prefill_flops_match_the_flop_counter(family):
-    """Stock: exact. Pruned: the analytic count plus the language stage's scoring products (< 1 %)."""
-    if family.startswith("qwen"):
-        version = family.removeprefix("qwen").removesuffix("-vl")
-        model, processor = build_tiny_qwen(version, attn_implementation="eager", max_pixels=64 * 64)
-        image = make_image(0).resize((64, 64))
-    else:  # 168 px: a 2x2 grid of 84-px crops plus the base view
-        model, processor = build_tiny_llava_next(attn_implementation="eager", text_layers=3)
-        image = make_image(0).resize((168, 168))
-    pruned = [BenchSetting(method, 8) for method in ("flowcut", "fastv", "pool", "random")]
-    for setting in (BenchSetting(None), *pruned):
+def assert_prefill_flops_match(model, processor, image, methods: tuple[str, ...], keep: int) -> None:
+    """Stock: the analytic count is the counter's, exactly. Pruned: the counter sees the analytic count plus the
+    scoring products (broadcast or small matrix products, < 1 %)."""
+    for setting in (BenchSetting(None), *(BenchSetting(method, keep) for method in methods)):
         handle = None if setting.method is None else flowcut.apply(model, processor=processor, config=setting.config())
         inputs = prompt_inputs(processor, image, "what colour is it ?", torch.device("cpu"), torch.float32)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -114,3 +106,23 @@ def test_two_stage_family_prefill_flops_match_the_flop_counter(family):
         else:
             handle.remove()
             assert 0 <= counted - expected < expected / 100, setting.label
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl", "llava-next"])
+def test_two_stage_family_prefill_flops_match_the_flop_counter(family):
+    """Stock: exact. Pruned: the analytic count plus the language stage's scoring products (< 1 %)."""
+    if family.startswith("qwen"):
+        version = family.removeprefix("qwen").removesuffix("-vl")
+        model, processor = build_tiny_qwen(version, attn_implementation="eager", max_pixels=64 * 64)
+        image = make_image(0).resize((64, 64))
+    else:  # 168 px: a 2x2 grid of 84-px crops plus the base view
+        model, processor = build_tiny_llava_next(attn_implementation="eager", text_layers=3)
+        image = make_image(0).resize((168, 168))
+    assert_prefill_flops_match(model, processor, image, ("flowcut", "fastv", "pool", "random"), 8)
+
+
+def test_gemma3_prefill_flops_match_the_flop_counter():
+    """Gemma 3: SigLIP over every patch of the kept cells, the pooled tokens' one-matrix projection, a decoder
+    whose heads are not ``hidden / heads`` wide. Stock: exact; pruned: plus the encoder's scoring (< 1 %)."""
+    model, processor = build_tiny_gemma3(attn_implementation="eager", text_head_dim=24)  # 4 heads of 24, 64 wide
+    assert_prefill_flops_match(model, processor, [make_image(0)], ("flowcut", "visionzip", "pool"), 6)

@@ -1,4 +1,5 @@
-"""Qwen2-VL and Qwen2.5-VL videos: temporal slices pruned as images, ``keep`` per video, M-RoPE time positions kept."""
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 videos: temporal slices pruned as images, ``keep`` per video,
+M-RoPE time positions kept."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from flowcut.core.encoder_stage import EncoderStageSettings, run_encoder_stage
 from flowcut.families.qwen_vision import QwenVisionAdapter
 from flowcut.testing import build_tiny_qwen
 
-VERSIONS = ("2", "2.5")
+VERSIONS = ("2", "2.5", "3")
+"""Two-stage families with videos (Qwen3-VL: a timestamp before each slice); Qwen3.5 (encoder only) below."""
 QUESTION = "what is the colour ?"
 CELLS = 48  # 48x64-px frames, 4-px patches, 2x2 merge: 6x8 merged cells per temporal slice
 
@@ -235,3 +237,50 @@ def test_ratio_budget_errors_name_the_ratio_and_traces_name_the_video_grid(qwen)
         )
         trace = handle.last_trace
         assert trace.image_grids == [(8, 5)] and trace.video_grids == [(6, 8)]
+
+
+def video_runs(input_ids: torch.Tensor, token: int) -> list[int]:
+    """The lengths of the runs of ``token`` in one row."""
+    runs, length = [], 0
+    for is_token in [*(input_ids == token).tolist(), False]:
+        if is_token:
+            length += 1
+        elif length:
+            runs.append(length)
+            length = 0
+    return runs
+
+
+def test_qwen3_video_prompts_keep_their_timestamps_and_give_each_slice_its_run():
+    model, processor = build_tiny_qwen("3")
+    video_token = model.config.video_token_id
+    stock = inputs_for(processor, [["video"]], videos=[make_video(1)])["input_ids"][0]
+    assert video_runs(stock, video_token) == [CELLS, CELLS]  # one run per temporal slice, a timestamp before each
+    with flowcut.apply(model, processor=copy.deepcopy(processor), keep=8) as handle:
+        pruned = inputs_for(handle.processor, [["video"]], videos=[make_video(1)])["input_ids"][0]
+    assert video_runs(pruned, video_token) == [8, 8]  # twice each slice's share of T = 8, before the second stage
+    assert torch.equal(pruned[pruned != video_token], stock[stock != video_token])  # the timestamps, unchanged
+
+
+def test_qwen3_5_videos_keep_the_budget_in_the_encoder():
+    model, processor = build_tiny_qwen("3.5")
+    processor.tokenizer.padding_side = "left"
+    image, video, other = picture(64, 40, 5), make_video(6), make_video(7)
+    stock_inputs = inputs_for(processor, [["video"]], videos=[video])
+    stock_logits = last_logits(model, stock_inputs)
+    with flowcut.apply(model, processor=copy.deepcopy(processor), keep=2 * CELLS) as handle:
+        assert torch.equal(last_logits(model, inputs_for(handle.processor, [["video"]], videos=[video])), stock_logits)
+    with flowcut.apply(model, processor=copy.deepcopy(processor), keep=8) as handle:
+        inputs = inputs_for(handle.processor, [["video"]], videos=[video])
+        assert video_runs(inputs["input_ids"][0], model.config.video_token_id) == [4, 4]  # each slice its share
+        alone = last_logits(model, inputs)[0]
+        trace = handle.last_trace
+        assert trace.video_tokens == [(2 * CELLS, 8, 8)] and handle._family.pruner is None
+        assert [frame.tokens_per_layer[-1] for frame in trace.videos[0]] == [4, 4]
+        alone_kept = [frame.kept_indices.tolist() for frame in trace.videos[0]]
+        mixed = inputs_for(
+            handle.processor, [["image", "video"], ["video"], ["image"]], images=[image, image], videos=[other, video]
+        )
+        logits = last_logits(model, mixed)
+        assert [frame.kept_indices.tolist() for frame in handle.last_trace.videos[1]] == alone_kept
+        torch.testing.assert_close(logits[1], alone, atol=1e-4, rtol=1e-4)

@@ -27,6 +27,7 @@ from transformers import AttentionInterface
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip import modeling_clip
+from transformers.models.internvl import modeling_internvl
 from transformers.models.llava_next import modeling_llava_next
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 from transformers.models.siglip import modeling_siglip
@@ -186,6 +187,11 @@ def run_vision_layer(layer: torch.nn.Module, hidden_states: torch.Tensor, mask: 
     return layer_output_states(layer(hidden_states, mask))
 
 
+def run_maskless_vision_layer(layer: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Run one InternViT layer, which takes no attention mask (its attention gets one through FlowCut's context)."""
+    return layer_output_states(layer(hidden_states))
+
+
 # -- model outputs ---------------------------------------------------------------------------------
 
 
@@ -226,6 +232,16 @@ SiglipVisionEmbeddings = modeling_siglip.SiglipVisionEmbeddings
 SiglipEncoderLayer = modeling_siglip.SiglipEncoderLayer
 clip_eager_attention = modeling_clip.eager_attention_forward
 siglip_eager_attention = modeling_siglip.eager_attention_forward
+InternVLVisionModel = modeling_internvl.InternVLVisionModel
+InternVLVisionEmbeddings = modeling_internvl.InternVLVisionEmbeddings
+InternVLVisionLayer = modeling_internvl.InternVLVisionLayer
+internvl_eager_attention = modeling_internvl.eager_attention_forward
+
+
+def internvl_final_norm(vision_tower: torch.nn.Module) -> torch.nn.Module:
+    """The norm ``InternVLVisionModel`` applies to its last layer's output (an identity with mean pooling)."""
+    return vision_tower.layernorm
+
 
 anyres_grid_shape = modeling_llava_next.get_anyres_image_grid_shape
 """LLaVA-NeXT: (rows, columns) of crops an image size is tiled into."""
@@ -262,6 +278,22 @@ def deepstack_layers(visual: torch.nn.Module) -> list[int]:
 def deepstack_merger(visual: torch.nn.Module, block: int) -> torch.nn.Module:
     """The merger DeepStack applies to vision block ``block``'s output."""
     return visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(block)]
+
+
+def siglip_post_layernorm(vision_tower: torch.nn.Module) -> torch.nn.Module:
+    """The norm ``SiglipVisionModel`` applies to its last layer's output (its ``last_hidden_state``)."""
+    return vision_tower.post_layernorm
+
+
+def pooling_cell_side(projector: torch.nn.Module) -> int:
+    """Gemma 3: the side, in patches, of the square the projector averages into one token."""
+    return int(projector.kernel_size)
+
+
+def project_pooled_cells(projector: torch.nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """Gemma 3's projector after its average pooling: ``(B, N, D_vision)`` cell means -> ``(B, N, D_text)``."""
+    normed = projector.mm_soft_emb_norm(pooled)
+    return torch.matmul(normed, projector.mm_input_projection_weight).type_as(pooled)
 
 
 DEEPSTACK_ADD = "_deepstack_process"

@@ -4,6 +4,8 @@ Each family covers some ``*ForConditionalGeneration`` classes; :data:`FAMILIES` 
 against a model's class. ``clip`` and ``qwen_vision`` adapt the vision towers the families share.
 """
 
+from flowcut.families.gemma3 import Gemma3Family
+from flowcut.families.internvl import InternVLFamily
 from flowcut.families.llava import LlavaFamily
 from flowcut.families.llava_next import LlavaNextFamily, LlavaOnevisionFamily
 from flowcut.families.qwen import QwenFamily
@@ -19,6 +21,8 @@ FAMILIES = (
     Qwen3VLFamily,
     Qwen3_5Family,
     VideoLlavaFamily,
+    Gemma3Family,
+    InternVLFamily,
 )
 """Model-family adapters, tried in order against the model's class."""
 
@@ -30,6 +34,8 @@ def family_of(model: object) -> type[ModelFamily] | None:
 
 __all__ = [
     "FAMILIES",
+    "Gemma3Family",
+    "InternVLFamily",
     "LlavaFamily",
     "LlavaNextFamily",
     "LlavaOnevisionFamily",

@@ -1,4 +1,5 @@
-"""Encoder-stage adapters for ViT towers run layer by layer: CLIP (CLS token at slot 0) and SigLIP (no CLS)."""
+"""Encoder-stage adapters for ViT towers run layer by layer: CLIP (CLS token at slot 0), SigLIP (no CLS), and
+any of them on square cells of patches (the groups a projector turns into one token)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from flowcut import compat
 from flowcut.core.encoder_stage import AttentionRecord, AttentionRecorder, ImageTrace
-from flowcut.core.scoring import CriteriaScores, cls_criteria, global_query_criteria
+from flowcut.core.scoring import CriteriaScores, cls_criteria, global_query_criteria, group_criteria
 from flowcut.runtime.attention import attention_context, key_padding_mask, recording_attention, resolve_attention
 from flowcut.runtime.family import EncoderWork
 
@@ -54,6 +55,8 @@ class ClipEncoderAdapter:
     tower_class = compat.CLIPVisionModel
     embeddings_class = compat.CLIPVisionEmbeddings
     layer_class = compat.CLIPEncoderLayer
+    attention_attribute = "self_attn"
+    """The attribute of a layer that holds its attention module."""
 
     def __init__(self, vision_tower: torch.nn.Module) -> None:
         if not isinstance(vision_tower, self.tower_class):
@@ -65,7 +68,7 @@ class ClipEncoderAdapter:
         self.embeddings = next(m for m in vision_tower.modules() if isinstance(m, self.embeddings_class))
         self.layers = [m for m in vision_tower.modules() if isinstance(m, self.layer_class)]
         self.attention_configs = list(
-            {id(layer.self_attn.config): layer.self_attn.config for layer in self.layers}.values()
+            {id(attention.config): attention.config for attention in map(self.attention, self.layers)}.values()
         )
         self._attention = None
         self._implementation: str | None = None
@@ -120,8 +123,12 @@ class ClipEncoderAdapter:
             raise RuntimeError("run_layer needs the adapter ClipEncoderAdapter.session() yields")
         mask = None if alive is None else key_padding_mask(alive, self._implementation, hidden_states.dtype)
         layer = self.layers[index]
-        with attention_context(layer.self_attn, recorder, self._attention, self._implementation):
+        with attention_context(self.attention(layer), recorder, self._attention, self._implementation):
             return compat.run_vision_layer(layer, hidden_states, mask)
+
+    def attention(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """A layer's attention module."""
+        return getattr(layer, self.attention_attribute)
 
     def criteria(self, record: AttentionRecord, alive: torch.Tensor | None) -> CriteriaScores:
         """CLS-view criteria (SPEC §2 steps 1–3)."""
@@ -148,6 +155,96 @@ class SiglipEncoderAdapter(ClipEncoderAdapter):
     def criteria(self, record: AttentionRecord, alive: torch.Tensor | None) -> CriteriaScores:
         """Global-token criteria (SPEC §4): the mean query attends over every alive key; score ``a · n``."""
         return global_query_criteria(record.query, record.key, record.value, record.scaling, alive)
+
+
+class GroupedPatchAdapter:
+    """A ViT adapter whose units are square cells of ``side × side`` patches: the groups a tower's
+    projector turns into one token (Gemma 3's pooling cells, InternVL's pixel-shuffle groups).
+
+    A unit's state is its patches' states side by side, patches row-major within the cell, cells
+    row-major over the grid: the order in which Gemma 3's pooling averages and InternVL's pixel
+    shuffle concatenates them. Each layer runs the patch adapter on the alive cells' patches; a
+    query token (CLS) keeps its slot, padded to the unit width. Scores of a cell are its patches'
+    (attention summed, density averaged), its key their mean key.
+    """
+
+    def __init__(self, patches: ClipEncoderAdapter, cell_side: int) -> None:
+        side = patches.grid_size[0]
+        if side % cell_side or patches.grid_size[1] != side:
+            raise ValueError(f"a {patches.grid_size} patch grid does not form cells of {cell_side}×{cell_side}")
+        self.patches, self.cell_side, self.group = patches, cell_side, cell_side**2
+        self.query_slots = patches.query_slots
+
+    @property
+    def num_layers(self) -> int:
+        return self.patches.num_layers
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """The cell grid (rows, columns)."""
+        side = self.patches.grid_size[0] // self.cell_side
+        return side, side
+
+    @property
+    def num_patches(self) -> int:
+        """Units (cells) per view."""
+        return self.grid_size[0] * self.grid_size[1]
+
+    @contextmanager
+    def session(self) -> Iterator[GroupedPatchAdapter]:
+        """One pass: the patch adapter's session, grouped."""
+        with self.patches.session() as bound:
+            yield GroupedPatchAdapter(bound, self.cell_side)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The patch adapter's embeddings grouped into cells: ``(B, query_slots + N, side²·D)``."""
+        tokens = self.patches.embed(pixel_values)
+        lead, (batch, _, dim) = self.query_slots, tokens.shape
+        cells, side = self.grid_size[0], self.cell_side
+        grid = tokens[:, lead:].reshape(batch, cells, side, cells, side, dim).permute(0, 1, 3, 2, 4, 5)
+        units = grid.reshape(batch, cells * cells, self.group * dim)
+        query = torch.cat([tokens[:, :lead], tokens.new_zeros(batch, lead, (self.group - 1) * dim)], dim=-1)
+        return torch.cat([query, units], dim=1)
+
+    def run_layer(
+        self,
+        index: int,
+        hidden_states: torch.Tensor,
+        alive: torch.Tensor | None,
+        recorder: AttentionRecorder | None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run layer ``index`` on the query token and every alive cell's patches (positions were added at the input)."""
+        lead, (batch, slots, unit_dim) = self.query_slots, hidden_states.shape
+        dim = unit_dim // self.group
+        patches = hidden_states[:, lead:].reshape(batch, (slots - lead) * self.group, dim)
+        tokens = torch.cat([hidden_states[:, :lead, :dim], patches], dim=1)
+        output = self.patches.run_layer(index, tokens, self._patch_alive(alive), recorder)
+        result = hidden_states.new_zeros(hidden_states.shape)
+        result[:, :lead, :dim] = output[:, :lead]
+        result[:, lead:] = output[:, lead:].reshape(batch, slots - lead, unit_dim)
+        return result
+
+    def _patch_alive(self, alive: torch.Tensor | None) -> torch.Tensor | None:
+        if alive is None:
+            return None
+        lead = self.query_slots
+        return torch.cat([alive[:, :lead], alive[:, lead:].repeat_interleave(self.group, dim=1)], dim=1)
+
+    def criteria(self, record: AttentionRecord, alive: torch.Tensor | None) -> CriteriaScores:
+        """The patch adapter's criteria (CLS or global token), grouped into cells."""
+        return group_criteria(self.patches.criteria(record, self._patch_alive(alive)), self.group)
+
+    def unit_keys(self, record: AttentionRecord, alive: torch.Tensor | None) -> torch.Tensor:
+        """Each cell's key: its patches' keys averaged over heads and over the cell, ``(B, N, d)``."""
+        keys = self.patches.unit_keys(record, self._patch_alive(alive))
+        batch, patches, head_dim = keys.shape
+        return keys.view(batch, patches // self.group, self.group, head_dim).mean(dim=2)
+
+    def cell_patches(self, units: torch.Tensor) -> torch.Tensor:
+        """Unit states ``(B, N, side²·D)`` (query slots excluded) as their patches' states, ``(B, N, side², D)``."""
+        batch, slots, unit_dim = units.shape
+        return units.reshape(batch, slots, self.group, unit_dim // self.group)
 
 
 def vision_adapter(vision_tower: torch.nn.Module) -> ClipEncoderAdapter:

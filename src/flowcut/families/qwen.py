@@ -62,6 +62,9 @@ class _Media:
     """Cells the encoder kept, slice-major over ``slices × grid``; None where the encoder did not prune."""
     encoder_slices: list[ImageTrace] | None = None
     """Per slice, the encoder stage's trace (None where the encoder did not prune)."""
+    runs_per_slice: bool = False
+    """Whether the prompt holds each slice's placeholders as a run of its own (Qwen3-VL's videos put a
+    timestamp between slices), else the item's as one run."""
 
     @property
     def cells_per_slice(self) -> int:
@@ -79,6 +82,23 @@ class _Media:
         """Tokens of the item entering the language model."""
         return sum(self.slice_placeholders)
 
+    @property
+    def runs(self) -> tuple[int, ...]:
+        """The placeholders of each run the prompt holds for the item."""
+        return tuple(self.slice_placeholders) if self.runs_per_slice else (self.placeholders,)
+
+    def run_cells(self, run: int, kept_units: torch.Tensor | None) -> tuple[int, torch.Tensor]:
+        """Run ``run``'s grid cells in the unpruned layout, and which of them its placeholders are (ascending):
+        ``kept_units`` (slice-major), or before encoding the first cells."""
+        cells = self.cells_per_slice if self.runs_per_slice else self.cells
+        count = self.runs[run]
+        if kept_units is None:
+            return cells, torch.arange(count)
+        kept = kept_units.cpu().long()
+        if self.runs_per_slice:
+            kept = kept[kept // cells == run] - run * cells
+        return cells, kept
+
 
 def _per_item(slices: list[torch.Tensor], items: list[_Media]) -> tuple[torch.Tensor, ...]:
     """Per-slice tokens joined into each item's tokens (an image is one slice, a video several)."""
@@ -94,6 +114,8 @@ class QwenFamily(TwoStageFamily):
 
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
     family_name = "Qwen2-VL"
+    timestamped_videos = False
+    """Whether the processor writes a timestamp before each temporal slice of a video (Qwen3-VL, Qwen3.5)."""
 
     def __init__(self, model: torch.nn.Module, config: FlowCutConfig, on_trace: Callable[[PruningTrace], None]):
         super().__init__(model, config, on_trace)
@@ -119,15 +141,16 @@ class QwenFamily(TwoStageFamily):
             for share in frame_budgets(budget, slices, per_slice, "temporal patches", self.config.keep)
         ]
 
-    def _media(self, grid_thw: torch.Tensor | None) -> list[_Media]:
+    def _media(self, grid_thw: torch.Tensor | None, kind: str) -> list[_Media]:
         """The items of one kind, from their ``grid_thw``."""
         if grid_thw is None:
             return []
         items = []
+        runs_per_slice = kind == "video" and self.timestamped_videos
         for slices, height, width in grid_thw.tolist():
             grid = (height // self.encoder.merge_size, width // self.encoder.merge_size)
             budget, placeholders = self._slice_placeholders(slices, grid[0] * grid[1])
-            items.append(_Media(slices, grid, budget, placeholders))
+            items.append(_Media(slices, grid, budget, placeholders, runs_per_slice=runs_per_slice))
         return items
 
     # -- model side -------------------------------------------------------------------------
@@ -169,7 +192,7 @@ class QwenFamily(TwoStageFamily):
         """
         if grid_thw is None:
             raise ValueError(f"FlowCut's Qwen encoder stage needs {kind}_grid_thw (the processor returns it)")
-        items = self._media(grid_thw)
+        items = self._media(grid_thw, kind)
         if all(item.placeholders == item.cells for item in items):
             # No item is over its encoder budget: the stock tower, bit for bit.
             output = self.stock[f"get_{kind}_features"](pixel_values, grid_thw, **kwargs)
@@ -243,13 +266,14 @@ class QwenFamily(TwoStageFamily):
                 attention_mask=attention_mask,
                 **kwargs,
             )
-        media = {IMAGE: self._media(image_grid_thw), VIDEO: self._media(video_grid_thw)}
+        media = {IMAGE: self._media(image_grid_thw, "image"), VIDEO: self._media(video_grid_thw, "video")}
         self.check_placeholders(input_ids, {"image": media[IMAGE], "video": media[VIDEO]})
         token_ids = {IMAGE: self.image_token_id, VIDEO: self.video_token_id}
         visible = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         types = mm_token_type_ids.masked_fill(~visible, 0).tolist()
         expanded, sources, extra = [], [], []
         taken = {IMAGE: 0, VIDEO: 0}
+        runs_taken = {IMAGE: 0, VIDEO: 0}  # runs of the current item already read (Qwen3-VL videos: one per slice)
         for b in range(input_ids.shape[0]):
             row_ids, row_types, row_visible = [], [], []
             source = torch.zeros(input_ids.shape[1], dtype=torch.long)
@@ -267,24 +291,24 @@ class QwenFamily(TwoStageFamily):
                 index = taken[kind]
                 if index >= len(media[kind]):
                     raise ValueError(f"the prompts hold {name} placeholders for more than the {len(media[kind])} given")
-                item = media[kind][index]
-                count, cells = item.placeholders, item.cells
+                item, run = media[kind][index], runs_taken[kind]
+                count = item.runs[run]
                 if types[b][position : position + count] != [kind] * count:
                     raise ValueError(f"{name} {index} needs a run of {count} {name} placeholders in its prompt")
-                chosen = None if kept_units is None else kept_units[kind][index]
-                chosen = torch.arange(count) if chosen is None else chosen.cpu().long()
+                cells, chosen = item.run_cells(run, None if kept_units is None else kept_units[kind][index])
                 source[position : position + count] = len(row_ids) + chosen
                 row_ids.extend([token_ids[kind]] * cells)
                 row_types.extend([kind] * cells)
                 row_visible.extend([True] * cells)
                 added += cells - count
                 position += count
-                taken[kind] += 1
+                runs_taken[kind] = (run + 1) % len(item.runs)
+                taken[kind] += runs_taken[kind] == 0
             expanded.append((row_ids, row_types, row_visible))
             sources.append(source)
             extra.append(added)
         for kind, items in media.items():
-            if taken[kind] != len(items):
+            if taken[kind] != len(items) or runs_taken[kind]:
                 name = "image" if kind == IMAGE else "video"
                 raise ValueError(
                     f"the prompts hold {name} placeholders for {taken[kind]} {name}s, but {len(items)} were given"
@@ -324,7 +348,7 @@ class QwenFamily(TwoStageFamily):
         return self.encode(kind, pixels, grid)
 
     def _planned(self, kind: str, kwargs: dict[str, Any]) -> list[_Media]:
-        return self._media(kwargs.get(f"{kind}_grid_thw"))
+        return self._media(kwargs.get(f"{kind}_grid_thw"), kind)
 
     def visual_tokens(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """Where the processor marks the visual tokens (``mm_token_type_ids``), a generated placeholder id is text."""
@@ -439,4 +463,5 @@ class QwenFamily(TwoStageFamily):
         slices, rows, columns = (int(side) for side in video_inputs["video_grid_thw"][index])
         per_slice = rows * columns // self.encoder.group
         budget, placeholders = self._slice_placeholders(slices, per_slice)
-        return MediaItem(slices * per_slice, sum(placeholders), budget)
+        runs = tuple(placeholders) if self.timestamped_videos else ()
+        return MediaItem(slices * per_slice, sum(placeholders), budget, runs)

@@ -22,14 +22,16 @@ has no attention matrix whose last-token row could score visual tokens (SPEC §3
 language-model stage does not apply there: every encoder method keeps ``T`` in the encoder, as in
 ``stages="encoder"`` on the other families, and FastV is refused.
 
-Images only for now: a Qwen3-VL video prompt interleaves timestamp text between its frames, and
-the placeholder and position bookkeeping of such prompts is not written yet.
+Videos as in Qwen2-VL (``keep`` per video, each temporal slice its share, pruned as a one-slice
+image), with one difference in the prompt: the processor writes a timestamp before each slice, so a
+video is one run of placeholders per slice. The processor writes each run's pruned count, and the
+positions are expanded run by run (each slice's kept tokens keep their unpruned (t, h, w) positions;
+the timestamps keep theirs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from transformers import (
@@ -43,21 +45,16 @@ from flowcut import compat
 from flowcut.families.qwen import QwenFamily
 from flowcut.runtime.family import Handler
 
-VIDEOS_UNSUPPORTED = (
-    "FlowCut covers Qwen3-VL and Qwen3.5 images; their videos (frames separated by timestamp text) are not "
-    "supported yet: prune video frames as images, or run videos on the stock model (flowcut.apply(..., method='none'))"
-)
-
 
 class Qwen3VLFamily(QwenFamily):
     """Installs FlowCut on one Qwen3-VL instance (dense or MoE) and removes it again."""
 
     model_classes = (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)
     family_name = "Qwen3-VL"
+    timestamped_videos = True
 
     def entry_points(self) -> dict[str, Handler]:
         entries = super().entry_points()
-        del entries["get_video_features"]
         if self.pruner is not None:
             entries[f"language_model.{compat.DEEPSTACK_ADD}"] = self.deepstack_add
         return entries
@@ -72,14 +69,6 @@ class Qwen3VLFamily(QwenFamily):
         """DeepStack's addition after one decoder layer, to the visual tokens that layer holds."""
         visual, rows = self.pruner.visual_rows(visual_pos_masks, visual_embeds, hidden_states.shape[1])
         return stock(hidden_states, visual, rows)
-
-    def processor_video(self, video_inputs: dict, index: int) -> Any:
-        raise ValueError(VIDEOS_UNSUPPORTED)
-
-    def before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-        if kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video"):
-            raise ValueError(VIDEOS_UNSUPPORTED)
-        return super().before_forward(module, args, kwargs)
 
 
 class Qwen3_5Family(Qwen3VLFamily):

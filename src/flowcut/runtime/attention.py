@@ -45,7 +45,9 @@ def _recording_attention(
         # carry the pass's settings on the instance for the duration of the layer (attention_context).
         context = getattr(module, CONTEXT_ATTRIBUTE, None)
         if context is not None:
-            flowcut_recorder, flowcut_attention, flowcut_implementation = context
+            flowcut_recorder, flowcut_attention, flowcut_implementation, padding_mask = context
+            if attention_mask is None:  # a layer that takes no mask (InternViT) gets the pass's padding mask here
+                attention_mask = padding_mask
     if flowcut_attention is None:
         # FlowCut's encoder pass switches the tower's implementation for its duration; a second thread
         # running the same model meanwhile lands here.
@@ -130,9 +132,13 @@ def attention_context(
     recorder: AttentionRecorder | None,
     attention: Callable[..., Any],
     implementation: str | None,
+    padding_mask: torch.Tensor | None = None,
 ) -> Iterator[None]:
-    """Give one attention module the pass's recorder and delegate attention while it runs (instance only)."""
-    setattr(module, CONTEXT_ATTRIBUTE, (recorder, attention, implementation))
+    """Give one attention module the pass's recorder and delegate attention while it runs (instance only).
+
+    ``padding_mask``: the mask of a ragged batch, for layers that do not pass one to their attention.
+    """
+    setattr(module, CONTEXT_ATTRIBUTE, (recorder, attention, implementation, padding_mask))
     try:
         yield
     finally:

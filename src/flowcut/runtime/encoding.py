@@ -43,9 +43,17 @@ def media_encoding(output: Any, media: tuple[Any, Any], scoring_seconds: float |
     """
     if not isinstance(output, compat.EncoderOutput):
         return output
+    output_class, fields = type(output), dict(output.items())
+    if isinstance(output, MediaEncoding):  # a stock path that went through another FlowCut entry point (Qwen3-VL's
+        # videos are encoded by its get_image_features): describe the items of this call instead
+        output_class = next(base for base in output_class.__mro__ if not issubclass(base, MediaEncoding))
+        fields = {name: value for name, value in fields.items() if name not in _DESCRIPTION}
     rows = len(output.pooler_output)
-    fields = dict(output.items())
-    return _encoding_class(type(output))(**fields, media=media, scoring_seconds=scoring_seconds, rows=rows)
+    return _encoding_class(output_class)(**fields, media=media, scoring_seconds=scoring_seconds, rows=rows)
+
+
+_DESCRIPTION = ("media", "scoring_seconds", "rows")
+"""The fields :class:`MediaEncoding` adds to the stock output."""
 
 
 def encoded_media(encoding: Any, kind: str) -> Any:

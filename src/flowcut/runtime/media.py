@@ -84,6 +84,9 @@ class MediaItem:
     """Visual tokens entering the language model."""
     budget: int
     """Visual tokens after the language model's pruning layer."""
+    runs: tuple[int, ...] = ()
+    """Where the processor writes the item as several runs of placeholders with text between them (Qwen3-VL's
+    timestamped video slices): the placeholders of each run; empty for one run."""
 
 
 class MediaFamily(ModelFamily):

@@ -9,6 +9,7 @@ and removing the handle brings back whatever the processor had before.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -31,29 +32,35 @@ def adapt_processor(
     family: str,
     image_item: Callable[[int, Any], Any],
     video_item: Callable[[dict, int], Any] | None = None,
+    counted_markers: int = 0,
 ) -> None:
     """Make ``processor`` write each image's and video's pruned placeholder count.
 
     ``image_item(n, size)`` is the item (its ``stock_tokens`` and ``placeholders``) of an image of
     ``size`` (its original (height, width) where the processor reports it, else None) for which the
     processor would write ``n`` placeholders; ``video_item(video_inputs, index)``, where given, that of
-    video ``index`` of the processed ``video_inputs``. A processor whose stock count differs from the
-    item's does not belong to the model, and is refused. The changes go into ``patch``; its
-    ``restore()`` undoes them.
+    video ``index`` of the processed ``video_inputs``. ``counted_markers``: the tokens the processor's
+    counter adds to each image's placeholders (InternVL: its start and end markers). A processor whose
+    stock count differs from the item's does not belong to the model, and is refused. The changes go
+    into ``patch``; its ``restore()`` undoes them. Each run of placeholders the stock processor writes
+    is one item's (Gemma 3 writes one run per pan-and-scan crop).
     """
 
     def placeholders(stock: int, size: Any) -> int:
         return _checked(image_item(stock, size), stock, "image", f"an image of {size}" if size else "an image")
 
-    def video_placeholders(stock: int, video_inputs: dict, index: int) -> int:
-        return _checked(video_item(video_inputs, index), stock, "video", f"video {index}")  # type: ignore[misc]
+    def video_runs(stock: int, runs: int, video_inputs: dict, index: int) -> list[int]:
+        item = video_item(video_inputs, index)  # type: ignore[misc]
+        total = _checked(item, stock, "video", f"video {index}")
+        if runs == 1:
+            return [total]
+        if len(item.runs) != runs:
+            raise ValueError(f"the processor writes video {index} as {runs} runs, the model expects {len(item.runs)}")
+        return list(item.runs)
 
     if not hasattr(processor, "replace_image_token") or getattr(processor, "image_token", None) is None:
         raise TypeError(f"expected a {family} processor with an image token, got {type(processor).__name__}")
-    if getattr(processor, "image_token_id", image_token_id) != image_token_id:
-        raise ValueError(
-            f"processor image token id {processor.image_token_id} differs from the model's {image_token_id}"
-        )
+    placeholder = _placeholder_token(processor, image_token_id)
     if getattr(processor.replace_image_token, _ADAPTED, False):
         raise ValueError(
             "this processor is already adapted by another FlowCut handle; give each pruned model its own "
@@ -67,11 +74,16 @@ def adapt_processor(
     def wrap_replace(stock_replace: Callable[..., str]) -> Callable[..., str]:
         @_adapted
         def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-            """The image's pruned placeholder run (installed by flowcut.apply on this processor)."""
-            stock = stock_replace(image_inputs, image_idx=image_idx, **kwargs).count(processor.image_token)
+            """The image's pruned placeholder runs (installed by flowcut.apply on this processor)."""
             sizes = image_inputs.get("image_sizes")
             size = None if sizes is None else tuple(int(side) for side in sizes[image_idx])
-            return processor.image_token * placeholders(stock, size)
+            # Each run of placeholders is one encoded view (Gemma 3's pan-and-scan crops: one run each).
+            runs = _placeholder_runs(stock_replace(image_inputs, image_idx=image_idx, **kwargs), placeholder)
+            if len(runs) == 1:
+                raise ValueError(f"the processor wrote no {placeholder!r} placeholders for image {image_idx}")
+            for run in range(1, len(runs), 2):
+                runs[run] = placeholder * placeholders(len(runs[run]) // len(placeholder), size)
+            return "".join(runs)
 
         return replace_image_token
 
@@ -82,7 +94,7 @@ def adapt_processor(
             if getattr(data, "num_image_tokens", None) is not None:
                 sizes = image_sizes if image_sizes is not None else [None] * len(data.num_image_tokens)
                 data.num_image_tokens = [
-                    placeholders(count, None if size is None else tuple(size))
+                    placeholders(count - counted_markers, None if size is None else tuple(size)) + counted_markers
                     for count, size in zip(data.num_image_tokens, sizes, strict=True)
                 ]
             return data
@@ -91,9 +103,14 @@ def adapt_processor(
 
     def wrap_video_replace(stock_replace: Callable[..., str]) -> Callable[..., str]:
         def replace_video_token(video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
-            """The video's pruned placeholder run (installed by flowcut.apply on this processor)."""
-            stock = stock_replace(video_inputs, video_idx=video_idx, **kwargs).count(processor.video_token)
-            return processor.video_token * video_placeholders(stock, video_inputs, video_idx)
+            """The video's pruned placeholder runs (installed by flowcut.apply on this processor)."""
+            token = processor.video_token
+            runs = _placeholder_runs(stock_replace(video_inputs, video_idx=video_idx, **kwargs), token)
+            stock = sum(len(run) // len(token) for run in runs[1::2])
+            counts = video_runs(stock, len(runs) // 2, video_inputs, video_idx)  # Qwen3-VL: a run per timestamp
+            for run, count in zip(range(1, len(runs), 2), counts, strict=True):
+                runs[run] = token * count
+            return "".join(runs)
 
         return replace_video_token
 
@@ -102,6 +119,25 @@ def adapt_processor(
         patch.override(processor, compat.MULTIMODAL_TOKEN_COUNTS, wrap_counts)
     if video_item is not None:
         patch.override(processor, "replace_video_token", wrap_video_replace)
+
+
+def _placeholder_runs(text: str, token: str) -> list[str]:
+    """``text`` split around its runs of ``token``: the runs at the odd indices."""
+    return re.split(f"((?:{re.escape(token)})+)", text)
+
+
+def _placeholder_token(processor: Any, image_token_id: int) -> str:
+    """The token the processor repeats for each of an image's visual tokens: the model's image token.
+
+    Most processors expand their ``image_token`` itself; Gemma 3's expands its begin-of-image marker
+    into a run of the tokenizer's ``image_token``.
+    """
+    if getattr(processor, "image_token_id", image_token_id) == image_token_id:
+        return processor.image_token
+    tokenizer = getattr(processor, "tokenizer", None)
+    if getattr(tokenizer, "image_token_id", None) == image_token_id and getattr(tokenizer, "image_token", None):
+        return tokenizer.image_token
+    raise ValueError(f"processor image token id {processor.image_token_id} differs from the model's {image_token_id}")
 
 
 def _checked(item: Any, stock: int, kind: str, what: str) -> int:

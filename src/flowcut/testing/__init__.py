@@ -7,6 +7,8 @@ package; the test suite, ``flowcut bench --preset`` and the bundled model's trai
 from flowcut.testing.models import (
     FrameVideoProcessor,
     build_processor,
+    build_tiny_gemma3,
+    build_tiny_internvl,
     build_tiny_llava,
     build_tiny_llava_next,
     build_tiny_llava_next_video,
@@ -21,6 +23,8 @@ from flowcut.testing.models import (
 __all__ = [
     "FrameVideoProcessor",
     "build_processor",
+    "build_tiny_gemma3",
+    "build_tiny_internvl",
     "build_tiny_llava",
     "build_tiny_llava_next",
     "build_tiny_llava_next_video",

@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised LLaVA and Qwen2-VL / Qwen2.5-VL models built offline (tests, demos, smoke checks).
+"""Tiny, randomly initialised LLaVA, Qwen-VL, Gemma 3 and InternVL models built offline (tests, demos, smoke checks).
 
 Everything is built locally: a word-level tokenizer from the ``tokenizers`` library, PIL-based
 image processors, and the models from configs. The weights are random: such a model exercises the
@@ -15,6 +15,14 @@ from transformers import (
     BatchFeature,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
+    GotOcr2ImageProcessorPil,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -299,7 +307,8 @@ class QwenFrameVideoProcessor(FrameVideoProcessor):
             temporal = torch.stack([per_frame[:, k, :, :, k] for k in range(slots)], dim=3)
             patches.append(temporal.reshape(-1, temporal[0, 0].numel()))
             grids.append([len(frames) // slots, rows, columns])
-            metadata.append(VideoMetadata(total_num_frames=len(frames), fps=self.fps))
+            indices = list(range(len(video)))  # the frames sampled (Qwen3-VL's timestamps read them)
+            metadata.append(VideoMetadata(total_num_frames=len(frames), fps=self.fps, frames_indices=indices))
         data = {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids)}
         return BatchFeature({**data, "video_metadata": metadata}, tensor_type=return_tensors)
 
@@ -321,6 +330,31 @@ def _image_only(processor_class: type) -> type:
 
     ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = processor_class.__name__
     return ImageOnlyProcessor
+
+
+def _decoder_config(
+    tokenizer: PreTrainedTokenizerFast,
+    vocab_size: int | None,
+    hidden: int,
+    intermediate: int | None,
+    layers: int,
+    heads: int,
+    kv_heads: int | None,
+) -> dict[str, object]:
+    """A decoder's text config: the tokenizer's special ids, the widths (intermediate: twice ``hidden``,
+    key-value heads: half the heads, by default)."""
+    return {
+        "vocab_size": vocab_size or len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": intermediate or hidden * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads or max(1, heads // 2),
+        "max_position_embeddings": 4096,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
 
 
 def build_tiny_qwen(
@@ -372,19 +406,10 @@ def build_tiny_qwen(
         "rope_theta": 10000.0,
         "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter],
     }
-    text = {
-        "vocab_size": vocab_size or len(tokenizer),
-        "hidden_size": text_hidden,
-        "intermediate_size": text_intermediate or text_hidden * 2,
-        "num_hidden_layers": text_layers,
-        "num_attention_heads": text_heads,
-        "num_key_value_heads": text_kv_heads or max(1, text_heads // 2),
-        "max_position_embeddings": 4096,
-        "rope_parameters": rope,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
+    text = _decoder_config(
+        tokenizer, vocab_size, text_hidden, text_intermediate, text_layers, text_heads, text_kv_heads
+    )
+    text["rope_parameters"] = rope
     vision = {
         "depth": vision_layers,
         "num_heads": vision_heads,
@@ -636,4 +661,158 @@ def build_tiny_video_llava(
         vision_feature_select_strategy="default",
     )
     model = _seeded_model(VideoLlavaForConditionalGeneration, config, seed, attn_implementation, tokenizer, dtype)
+    return model, processor
+
+
+GEMMA3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image>\n", "<start_of_image> ")
+"""LLaVA's template with Gemma 3's image marker (the processor expands it into the image's soft tokens)."""
+
+
+def build_tiny_gemma3(
+    seed: int = 0,
+    image_size: int = 64,
+    patch_size: int = 4,
+    tokens_per_image: int = 16,
+    vision_layers: int = 6,
+    vision_hidden: int = 32,
+    vision_heads: int = 4,
+    text_layers: int = 4,
+    text_hidden: int = 64,
+    text_heads: int = 4,
+    sliding_window: int = 8,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    vision_intermediate: int | None = None,
+    text_intermediate: int | None = None,
+    text_kv_heads: int | None = None,
+    text_head_dim: int | None = None,
+    vocab_size: int | None = None,
+) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
+    """A random tiny Gemma 3: a SigLIP tower of ``(image_size / patch_size)²`` patches, pooled to ``tokens_per_image``.
+
+    The language model alternates sliding-window layers (``sliding_window`` tokens) with a global
+    layer last, as Gemma 3's layer pattern does. Widths default to twice the hidden sizes.
+    """
+    markers = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    base = build_tokenizer(special_tokens=list(markers.values()))
+    if vocab_size is not None and vocab_size < len(base):
+        raise ValueError(f"vocab_size must cover the tokenizer's {len(base)} tokens, got {vocab_size}")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens=markers,
+    )
+    text = _decoder_config(
+        tokenizer, vocab_size, text_hidden, text_intermediate, text_layers, text_heads, text_kv_heads
+    )
+    text.update(
+        head_dim=text_head_dim or text_hidden // text_heads,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention"] * (text_layers - 1) + ["full_attention"],
+    )
+    vision = {
+        "hidden_size": vision_hidden,
+        "intermediate_size": vision_intermediate or vision_hidden * 2,
+        "num_hidden_layers": vision_layers,
+        "num_attention_heads": vision_heads,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "vision_use_head": False,
+    }
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=tokens_per_image,
+        image_token_id=tokenizer.image_token_id,
+        boi_token_id=tokenizer.boi_token_id,
+        eoi_token_id=tokenizer.eoi_token_id,
+    )
+    model = _seeded_model(Gemma3ForConditionalGeneration, config, seed, attn_implementation, tokenizer, dtype)
+    # Gemma 3 initialises its projection to zeros (every image the same tokens): draw it like the other weights.
+    projection = model.model.multi_modal_projector.mm_input_projection_weight
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        projection.copy_(torch.randn(projection.shape, generator=generator) * config.text_config.initializer_range)
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer,
+        image_seq_length=tokens_per_image,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+INTERNVL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image>\n", "<IMG_CONTEXT>\n")
+"""LLaVA's template with InternVL's image placeholder (the processor expands it into the image's tiles' tokens)."""
+
+
+def build_tiny_internvl(
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 4,
+    max_tiles: int = 4,
+    vision_layers: int = 6,
+    vision_hidden: int = 32,
+    vision_heads: int = 4,
+    text_layers: int = 4,
+    text_hidden: int = 64,
+    text_heads: int = 4,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    vision_intermediate: int | None = None,
+    text_intermediate: int | None = None,
+    text_kv_heads: int | None = None,
+    vocab_size: int | None = None,
+) -> tuple[InternVLForConditionalGeneration, InternVLProcessor]:
+    """A random tiny InternVL: tiles of ``image_size`` (up to ``max_tiles`` plus a thumbnail) through an InternViT of
+    ``(image_size / patch_size)²`` patches with CLS, pixel-shuffled 2×2 into a quarter as many tokens; a Qwen2 decoder.
+    """
+    markers = {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    }
+    base = build_tokenizer(special_tokens=list(markers.values()))
+    if vocab_size is not None and vocab_size < len(base):
+        raise ValueError(f"vocab_size must cover the tokenizer's {len(base)} tokens, got {vocab_size}")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens=markers,
+    )
+    text = _decoder_config(
+        tokenizer, vocab_size, text_hidden, text_intermediate, text_layers, text_heads, text_kv_heads
+    )
+    vision = {
+        "hidden_size": vision_hidden,
+        "intermediate_size": vision_intermediate or vision_hidden * 2,
+        "num_hidden_layers": vision_layers,
+        "num_attention_heads": vision_heads,
+        "image_size": [image_size, image_size],
+        "patch_size": [patch_size, patch_size],
+    }
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config={"model_type": "qwen2", **text},
+        image_token_id=tokenizer.context_image_token_id,
+        downsample_ratio=0.5,
+    )
+    model = _seeded_model(InternVLForConditionalGeneration, config, seed, attn_implementation, tokenizer, dtype)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": image_size, "width": image_size}, crop_to_patches=True, min_patches=1, max_patches=max_tiles
+    )
+    processor = _image_only(InternVLProcessor)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        image_seq_length=(image_size // patch_size // 2) ** 2,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
     return model, processor

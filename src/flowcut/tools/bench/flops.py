@@ -44,7 +44,8 @@ class ProjectorShape:
     """
 
     in_features: int
-    hidden_features: int
+    hidden_features: int | None
+    """None: one matrix ``input → output`` (Gemma 3's projection of its pooled tokens)."""
     out_features: int
     copies: int = 1
     """Projectors of this shape over the same tokens (Qwen3-VL: its merger and one DeepStack merger per
@@ -61,6 +62,8 @@ class TextShape:
     heads: int
     kv_heads: int
     vocab: int
+    head_dim: int | None = None
+    """Width of one attention head where it is not ``hidden / heads`` (Gemma 3)."""
 
 
 @dataclass(frozen=True)
@@ -103,20 +106,19 @@ def scoring_flops(hidden: int, scored_tokens: Sequence[int]) -> int:
 
 
 def projector_flops(shape: ProjectorShape, tokens: int) -> int:
-    """The two-layer projector (each of its copies) over ``tokens`` of its inputs."""
-    return (
-        2
-        * shape.copies
-        * tokens
-        * (shape.in_features * shape.hidden_features + shape.hidden_features * shape.out_features)
-    )
+    """The projector (each of its copies) over ``tokens`` of its inputs."""
+    if shape.hidden_features is None:
+        products = shape.in_features * shape.out_features
+    else:
+        products = shape.in_features * shape.hidden_features + shape.hidden_features * shape.out_features
+    return 2 * shape.copies * tokens * products
 
 
 def text_layer_flops(shape: TextShape, tokens: int) -> int:
     """One decoder layer over ``tokens`` tokens."""
-    head_dim = shape.hidden // shape.heads
-    projections = tokens * shape.hidden * (2 * shape.hidden + 2 * shape.kv_heads * head_dim)
-    attention = 2 * tokens * tokens * shape.hidden
+    head_dim = shape.head_dim or shape.hidden // shape.heads
+    projections = tokens * shape.hidden * (2 * shape.heads * head_dim + 2 * shape.kv_heads * head_dim)
+    attention = 2 * tokens * tokens * shape.heads * head_dim
     mlp = 3 * tokens * shape.hidden * shape.intermediate
     return 2 * (projections + attention + mlp)
 

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
-from flowcut.testing import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen, build_tiny_video_llava
+from flowcut.testing import (
+    build_tiny_gemma3,
+    build_tiny_llava,
+    build_tiny_llava_next,
+    build_tiny_qwen,
+    build_tiny_video_llava,
+)
 
 
 @dataclass(frozen=True)
@@ -38,11 +44,15 @@ class Preset:
     """Frames per video of a video model (Video-LLaVA); 0 for image models."""
     family: str = "llava"
     """The architecture the shapes describe, by its transformers model type: ``llava``, ``video_llava``,
-    ``llava_next``, ``qwen2_vl`` or ``qwen3_vl``."""
+    ``llava_next``, ``qwen2_vl``, ``qwen3_vl`` or ``gemma3``."""
     deepstack_layers: tuple[int, ...] = ()
     """Qwen3-VL: the vision blocks DeepStack feeds to the first decoder layers."""
     position_grid: int = 0
     """Qwen3-VL: the side of the learned position grid."""
+    text_head_dim: int | None = None
+    """Width of one attention head where it is not ``text_hidden / text_heads`` (Gemma 3)."""
+    pooled_tokens: int = 0
+    """Gemma 3: the tokens its projector pools each image into."""
     picture_size: int | None = None
     """Side of the default square picture the benchmark asks about (None: the shapes-VQA picture as it is,
     336 px). LLaVA-NeXT's 672-px picture is a 2×2 grid of crops plus the base view; Qwen2-VL's token count
@@ -116,6 +126,25 @@ PRESETS = {
         deepstack_layers=(8, 16, 24),
         position_grid=48,
     ),
+    "gemma-3-4b": Preset(
+        "Gemma 3 4B: an 896-px image through SigLIP So400m (27 layers, 1152 wide, 4,096 patches of 14 px, "
+        "averaged 4×4 into 256 tokens) + a 34-layer, 2560-wide Gemma 3 with 8 heads of 256 and 4 key-value heads",
+        image_size=896,
+        family="gemma3",
+        patch_size=14,
+        vision_hidden=1152,
+        vision_intermediate=4304,
+        vision_layers=27,
+        vision_heads=16,
+        text_hidden=2560,
+        text_intermediate=10240,
+        text_layers=34,
+        text_heads=8,
+        text_kv_heads=4,
+        text_head_dim=256,
+        vocab_size=262208,
+        pooled_tokens=256,
+    ),
 }
 
 SMOKE_DIVISOR = 16
@@ -162,6 +191,15 @@ def build_preset(
         grid = preset.position_grid
         return build_tiny_qwen(
             "3", max_pixels=preset.image_size**2, deepstack_layers=deepstack, position_grid=grid, **options
+        )
+    if preset.family == "gemma3":
+        head_dim = preset.text_head_dim // divisor if preset.text_head_dim else None
+        return build_tiny_gemma3(
+            image_size=preset.image_size,
+            tokens_per_image=preset.pooled_tokens,
+            text_head_dim=head_dim,
+            sliding_window=1024,
+            **options,
         )
     builders = {"llava": build_tiny_llava, "video_llava": build_tiny_video_llava, "llava_next": build_tiny_llava_next}
     return builders[preset.family](image_size=preset.image_size, **options)

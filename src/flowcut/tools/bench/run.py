@@ -156,9 +156,11 @@ def model_shapes(
         text.num_attention_heads,
         text.num_key_value_heads or text.num_attention_heads,
         text.vocab_size,
+        getattr(text, "head_dim", None),
     )
     if vision.model_type in VIT_TOWERS:
-        if not isinstance(config.vision_feature_layer, int):
+        pooled = config.model_type == "gemma3"  # Gemma 3: SigLIP pooled into its tokens, one matrix per token
+        if not pooled and not isinstance(config.vision_feature_layer, int):
             return None  # several feature layers side by side: a wider projector input than counted here
         grid = vision.image_size // vision.patch_size
         class_tokens = 1 if vision.model_type == "clip_vision_model" else 0  # SigLIP towers have no CLS
@@ -170,7 +172,8 @@ def model_shapes(
             grid**2,
             class_tokens=class_tokens,
         )
-        return shape, ProjectorShape(vision.hidden_size, text.hidden_size, text.hidden_size), text_shape
+        projector = ProjectorShape(vision.hidden_size, None if pooled else text.hidden_size, text.hidden_size)
+        return shape, projector, text_shape
     if vision.model_type in QWEN_TOWERS:
         if patches is None:
             raise ValueError("Qwen2-VL's FLOPs need the patches per encoder pass (its resolution is dynamic)")
