@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import make_image
@@ -191,6 +192,20 @@ def test_gemma3_preset_has_the_published_shapes_and_runs_in_smoke_mode(tmp_path)
     assert (unpruned["visual_tokens"], pruned["visual_tokens"]) == (256, 64)
     assert pruned["flops"]["vision"] < unpruned["flops"]["vision"]
     assert pruned["flops"]["projector"] * 4 == unpruned["flops"]["projector"]  # one matrix per pooled token
+
+
+def test_internvl_preset_has_the_published_shapes_and_counts_its_tiles():
+    from flowcut.tools.bench.presets import PRESETS, build_preset
+    from flowcut.tools.bench.run import model_shapes
+
+    internvl = PRESETS["internvl3-8b"]
+    assert (internvl.image_size // internvl.patch_size, internvl.vision_layers, internvl.picture_size) == (32, 24, 896)
+    assert (internvl.text_hidden, internvl.text_layers, internvl.text_kv_heads) == (3584, 28, 4)
+    model, processor = build_preset("internvl3-8b", text_layers=2, smoke=True)
+    vision, projector, _ = model_shapes(model)
+    assert (vision.num_patches, vision.class_tokens, projector.in_features) == (1024, 1, 4 * 64)
+    picture = Image.new("RGB", (896, 896))
+    assert processor.image_processor(images=[picture], return_tensors="pt")["pixel_values"].shape[0] == 5
 
 
 @pytest.mark.parametrize("family", ["qwen2-vl", "llava-next"])

@@ -9,7 +9,13 @@ from torch.utils.flop_counter import FlopCounterMode
 import flowcut
 from conftest import make_image
 from flowcut import compat
-from flowcut.testing import build_tiny_gemma3, build_tiny_llava, build_tiny_llava_next, build_tiny_qwen
+from flowcut.testing import (
+    build_tiny_gemma3,
+    build_tiny_internvl,
+    build_tiny_llava,
+    build_tiny_llava_next,
+    build_tiny_qwen,
+)
 from flowcut.tools.bench.flops import TextShape, VisionShape, prefill_flops, scoring_flops, vision_layer_flops
 from flowcut.tools.bench.run import BenchSetting, _result
 from flowcut.tools.prompting import prompt_inputs
@@ -126,3 +132,11 @@ def test_gemma3_prefill_flops_match_the_flop_counter():
     whose heads are not ``hidden / heads`` wide. Stock: exact; pruned: plus the encoder's scoring (< 1 %)."""
     model, processor = build_tiny_gemma3(attn_implementation="eager", text_head_dim=24)  # 4 heads of 24, 64 wide
     assert_prefill_flops_match(model, processor, [make_image(0)], ("flowcut", "visionzip", "pool"), 6)
+
+
+def test_internvl_prefill_flops_match_the_flop_counter():
+    """InternVL: InternViT (CLS) over every tile and the thumbnail, the projector over the 2×2 shuffle groups handed
+    on, FlowCut's two stages per tile."""
+    model, processor = build_tiny_internvl(attn_implementation="eager", text_layers=3)
+    image = make_image(0).resize((40, 100))  # 3 tiles and a thumbnail
+    assert_prefill_flops_match(model, processor, [image], ("flowcut", "fastv", "pool", "random"), 6)

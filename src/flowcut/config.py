@@ -26,14 +26,16 @@ STAGE_MODES = ("auto", "encoder")
 """Where a method prunes on two-stage families: its own split (FlowCut: 2T in the encoder, T after decoder
 layer 1, SPEC §4), or the encoder stage alone delivering T (each crop, frame or slice its share, SPEC §8)."""
 
-_FLOWCUT_ONLY = {
-    "schedule": "progressive",
-    "counts": "adaptive",
-    "criteria": "all",
-    "prune_interval": 2,
-    "ema_weight": 0.5,
-    "time_scoring": False,
+_METHOD_ONLY = {
+    "schedule": ("progressive", "FlowCut"),
+    "counts": ("adaptive", "FlowCut"),
+    "criteria": ("all", "FlowCut"),
+    "prune_interval": (2, "FlowCut"),
+    "ema_weight": (0.5, "FlowCut"),
+    "time_scoring": (False, "FlowCut"),
+    "important_ratio": (0.5, "VisPruner"),
 }
+"""Settings only some methods read: name -> (default, whose setting); other methods refuse a changed value."""
 
 CONFIG_NAME = "flowcut_config.json"
 
@@ -131,6 +133,8 @@ class FlowCutConfig:
     """``"uniform"``: equal prune steps instead of entropy-adaptive counts (ablation)."""
     criteria: str = "all"
     """``"relation"``: score patches by CLS attention alone (ablation: multi-criteria off)."""
+    important_ratio: float = 0.5
+    """``method="vispruner"``: the share of ``keep`` chosen by attention; the rest are diverse tokens (paper: 0.5)."""
     stages: str = "auto"
     """``"encoder"``: on two-stage families (LLaVA-NeXT, OneVision, Qwen-VL) the encoder stage prunes straight
     to ``keep`` and no decoder layer prunes, so each image's token count is fixed by its size and ``keep``
@@ -150,11 +154,14 @@ class FlowCutConfig:
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; available: {', '.join(choices)}")
-        for name, default in _FLOWCUT_ONLY.items():
+        for name, (default, owner) in _METHOD_ONLY.items():
             if name not in method.settings and getattr(self, name) != default:
                 raise ValueError(
-                    f"{name}={getattr(self, name)!r} is a FlowCut setting; it does not apply to {self.method!r}"
+                    f"{name}={getattr(self, name)!r} is a {owner} setting; it does not apply to {self.method!r}"
                 )
+        ratio = self.important_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"important_ratio must be in [0, 1], got {self.important_ratio!r}")
         stages(method, self.stages)  # a method that prunes only in the language model has no encoder-only mode
         if not 0.0 <= self.ema_weight < 1.0:
             raise ValueError(f"ema_weight must be in [0, 1), got {self.ema_weight!r}")

@@ -113,10 +113,6 @@ class InternVLFamily(FixedViewFamily):
         patches = compat.internvl_final_norm(self.base.vision_tower)(self.encoder.cell_patches(hidden_states))
         return self.base.multi_modal_projector(patches.flatten(2))
 
-    @classmethod
-    def encoder_work(cls, model: torch.nn.Module, trace: Any, inputs: Any) -> None:
-        return None  # InternViT's FLOPs are not counted yet
-
     def patch_processor(self, processor: Any) -> None:
         """Images as for every family; videos refused at the processor (see the module's notes)."""
 

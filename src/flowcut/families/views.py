@@ -20,7 +20,7 @@ import torch
 
 from flowcut import compat
 from flowcut.config import FlowCutConfig
-from flowcut.families.clip import GroupedPatchAdapter, vit_encoder_work
+from flowcut.families.clip import GroupedPatchAdapter
 from flowcut.families.single_stage import stock_image_trace
 from flowcut.methods import UnitCall
 from flowcut.runtime.encoding import media_encoding
@@ -133,12 +133,13 @@ class FixedViewFamily(TwoStageFamily):
 
     @classmethod
     def encoder_work(cls, model: torch.nn.Module, trace: PruningTrace | None, inputs: Any) -> EncoderWork | None:
-        """One view through the tower: its traces count cells, the layers process their patches."""
-        layers, _ = vit_encoder_work(model, [], 1, crops=False)
-        if trace is not None:
-            group = layers[0][0] // trace.num_patches
-            layers = [[group * cells for cells in image.tokens_per_layer] for image in trace.images[:1]]
-        return layers, None
+        """Every view of the prompt through the tower: the traces count cells, the layers process their patches."""
+        vision = model.config.vision_config
+        side = _first(vision.image_size) // _first(vision.patch_size)
+        if trace is None:
+            return [[side * side] * vision.num_hidden_layers] * inputs["pixel_values"].shape[0], None
+        group = side * side // trace.num_patches
+        return [[group * cells for cells in view.tokens_per_layer] for view in trace.images], None
 
     # -- processor side ---------------------------------------------------------------------
 
@@ -148,3 +149,8 @@ class FixedViewFamily(TwoStageFamily):
         if rest or not views:
             return self.view  # not this model's processor: the runtime says so
         return MediaItem(views * self.view.stock_tokens, views * self.view.placeholders, views * self.view.budget)
+
+
+def _first(size: int | list[int]) -> int:
+    """A square tower's side from its config (InternViT's sizes are ``[height, width]``)."""
+    return size[0] if isinstance(size, (list, tuple)) else size

@@ -476,8 +476,8 @@ def bench(
         str | None,
         typer.Option(
             help="Random weights at a published model's shapes instead of --model: llava-1.5-7b, llava-next-7b, "
-            "qwen2-vl-7b, qwen3-vl-8b, gemma-3-4b, video-llava-7b (a video of shapes-VQA pictures unless --video "
-            "is given)."
+            "qwen2-vl-7b, qwen3-vl-8b, gemma-3-4b, internvl3-8b, video-llava-7b (a video of shapes-VQA pictures "
+            "unless --video is given)."
         ),
     ] = None,
     text_layers: Annotated[

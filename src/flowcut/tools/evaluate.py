@@ -33,6 +33,7 @@ METHODS = {
     "no-cumulative": ("FlowCut, no cumulative score", {"method": "flowcut", "ema_weight": 0.0}),
     "visionzip": ("VisionZip", {"method": "visionzip"}),
     "divprune": ("DivPrune", {"method": "divprune"}),
+    "vispruner": ("VisPruner", {"method": "vispruner"}),
     "fastv": ("FastV", {"method": "fastv"}),
     "pool": ("pool", {"method": "pool"}),
     "random": ("random", {"method": "random"}),

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from flowcut.testing import (
     build_tiny_gemma3,
+    build_tiny_internvl,
     build_tiny_llava,
     build_tiny_llava_next,
     build_tiny_qwen,
@@ -44,7 +45,7 @@ class Preset:
     """Frames per video of a video model (Video-LLaVA); 0 for image models."""
     family: str = "llava"
     """The architecture the shapes describe, by its transformers model type: ``llava``, ``video_llava``,
-    ``llava_next``, ``qwen2_vl``, ``qwen3_vl`` or ``gemma3``."""
+    ``llava_next``, ``qwen2_vl``, ``qwen3_vl``, ``gemma3`` or ``internvl``."""
     deepstack_layers: tuple[int, ...] = ()
     """Qwen3-VL: the vision blocks DeepStack feeds to the first decoder layers."""
     position_grid: int = 0
@@ -145,6 +146,25 @@ PRESETS = {
         vocab_size=262208,
         pooled_tokens=256,
     ),
+    "internvl3-8b": Preset(
+        "InternVL3-8B: an 896-px picture as 2×2 tiles of 448 px + a thumbnail through InternViT-300M (24 layers, "
+        "1024 wide, 1,024 patches of 14 px and CLS per tile, pixel-shuffled 2×2 into 256 tokens: 1,280 in all) + a "
+        "28-layer, 3584-wide Qwen2.5 with 4 key-value heads",
+        image_size=448,
+        family="internvl",
+        picture_size=896,
+        patch_size=14,
+        vision_hidden=1024,
+        vision_intermediate=4096,
+        vision_layers=24,
+        vision_heads=16,
+        text_hidden=3584,
+        text_intermediate=18944,
+        text_layers=28,
+        text_heads=28,
+        text_kv_heads=4,
+        vocab_size=151674,
+    ),
 }
 
 SMOKE_DIVISOR = 16
@@ -201,5 +221,7 @@ def build_preset(
             sliding_window=1024,
             **options,
         )
+    if preset.family == "internvl":
+        return build_tiny_internvl(image_size=preset.image_size, max_tiles=12, **options)
     builders = {"llava": build_tiny_llava, "video_llava": build_tiny_video_llava, "llava_next": build_tiny_llava_next}
     return builders[preset.family](image_size=preset.image_size, **options)

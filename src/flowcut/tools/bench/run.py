@@ -174,6 +174,13 @@ def model_shapes(
         )
         projector = ProjectorShape(vision.hidden_size, None if pooled else text.hidden_size, text.hidden_size)
         return shape, projector, text_shape
+    if vision.model_type == "internvl_vision":  # InternViT (CLS) per tile; the projector maps each 2×2 shuffle group
+        side = vision.image_size[0] // vision.patch_size[0]
+        shape = VisionShape(
+            vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, vision.patch_size[0], side**2
+        )
+        shuffled = vision.hidden_size * round(1 / config.downsample_ratio) ** 2
+        return shape, ProjectorShape(shuffled, text.hidden_size, text.hidden_size), text_shape
     if vision.model_type in QWEN_TOWERS:
         if patches is None:
             raise ValueError("Qwen2-VL's FLOPs need the patches per encoder pass (its resolution is dynamic)")
