@@ -15,7 +15,9 @@ from flowcut.methods.visionzip import visionzip_split, visionzip_tokens
 
 KEEP = 16
 NUM_PATCHES = 144  # 84-px images, 7-px patches: a 12×12 grid
-PRUNING_OPTIONS = [{"method": name} for name in ("flowcut", "visionzip", "divprune", "random", "pool", "vispruner")]
+PRUNING_OPTIONS = [
+    {"method": name} for name in ("flowcut", "visionzip", "divprune", "random", "pool", "vispruner", "hiprune")
+]
 PRUNING_OPTIONS += [{"schedule": "one_shot"}, {"counts": "uniform"}, {"criteria": "relation"}]
 PROMPT = "USER: <image>\nwhat ? ASSISTANT:"
 
@@ -25,10 +27,20 @@ def pixels(processor, images) -> torch.Tensor:
 
 
 def test_registry_lists_every_method_and_rejects_unknown_names():
-    assert method_names() == ("flowcut", "divprune", "fastv", "none", "pool", "random", "visionzip", "vispruner")
+    assert method_names() == (
+        "flowcut",
+        "divprune",
+        "fastv",
+        "hiprune",
+        "none",
+        "pool",
+        "random",
+        "visionzip",
+        "vispruner",
+    )
     assert flowcut.METHODS == method_names()
     assert all(get_method(name).summary for name in method_names())
-    known = "flowcut, divprune, fastv, none, pool, random, visionzip, vispruner"
+    known = "flowcut, divprune, fastv, hiprune, none, pool, random, visionzip, vispruner"
     with pytest.raises(ValueError, match=f"unknown method 'fastvv'; available: {known}$"):
         flowcut.FlowCutConfig(method="fastvv")
 
@@ -191,7 +203,7 @@ def test_none_is_the_stock_model_whatever_keep_says(tiny, images):
         assert handle.last_trace.keep == NUM_PATCHES and len(handle.last_trace.kept_indices[0]) == NUM_PATCHES
 
 
-@pytest.mark.parametrize("method", ["flowcut", "visionzip", "divprune", "random", "pool", "vispruner"])
+@pytest.mark.parametrize("method", ["flowcut", "visionzip", "divprune", "random", "pool", "vispruner", "hiprune"])
 def test_keeping_every_patch_is_the_stock_model(tiny, images, method):
     model, processor = tiny
     inputs = processor(images=images[1], text=PROMPT, return_tensors="pt")

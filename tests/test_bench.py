@@ -319,3 +319,41 @@ def test_impossible_or_noisy_numbers_are_flagged():
     assert [line for line in to_markdown(noisy, {}).splitlines() if line.startswith("Warning: ")] == [
         f"Warning: {note}." for note in notes
     ]
+
+
+def test_encoder_only_mode_is_benchmarked_next_to_the_two_stage_one(tmp_path):
+    """``flowcut:encoder`` is FlowCut keeping T in the encoder alone; the plain name is the paper's two stages."""
+    from flowcut.testing import build_tiny_qwen
+
+    assert BenchSetting.parse("flowcut:encoder", 8) == BenchSetting("flowcut", 8, "encoder")
+    assert BenchSetting.parse("flowcut:encoder", 8).label == "flowcut:encoder@8"
+    assert BenchSetting.parse("visionzip", 0.5).label == "visionzip@0.5"
+    with pytest.raises(ValueError, match="unknown stages 'decoder'; available"):
+        BenchSetting.parse("flowcut:decoder", 8)
+    with pytest.raises(ValueError, match="'fastv' prunes only inside the language model"):
+        BenchSetting.parse("fastv:encoder", 8)
+    model, processor = build_tiny_qwen("2", max_pixels=64 * 64)
+    settings = [BenchSetting(None), BenchSetting.parse("flowcut", 4), BenchSetting.parse("flowcut:encoder", 4)]
+    unpruned, two_stage, encoder_only = benchmark(
+        model, processor, make_image(0).resize((64, 64)), "what ?", settings, rounds=1, warmup=0, generate=False
+    )
+    assert [result.visual_tokens for result in (unpruned, two_stage, encoder_only)] == [64, 4, 4]
+    # the two stages hand 2T groups to the language model's first layers; encoder-only hands T
+    assert encoder_only.flops.language < two_stage.flops.language < unpruned.flops.language
+    assert encoder_only.flops.vision < unpruned.flops.vision
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            "x",
+            "--methods",
+            "fastv:encoder",
+            "--budgets",
+            "4",
+            "--no-plot",
+            "--output",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 2 and "'fastv' prunes only inside the language model" in result.output

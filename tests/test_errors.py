@@ -61,7 +61,8 @@ def test_unsupported_model_names_supported_classes():
 def test_unknown_method(tiny):
     with pytest.raises(
         ValueError,
-        match="unknown method 'fastvv'; available: flowcut, divprune, fastv, none, pool, random, visionzip, vispruner",
+        match="unknown method 'fastvv'; available: flowcut, divprune, fastv, hiprune, none, pool, random, visionzip, "
+        "vispruner",
     ):
         flowcut.apply(tiny[0], keep=8, method="fastvv")
 

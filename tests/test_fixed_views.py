@@ -26,7 +26,7 @@ from flowcut.methods import UnitCall
 from flowcut.testing import build_tiny_gemma3, build_tiny_internvl
 
 KEEP = 6
-ENCODER_METHODS = ("flowcut", "visionzip", "divprune", "pool", "random", "vispruner")
+ENCODER_METHODS = ("flowcut", "visionzip", "divprune", "pool", "random", "vispruner", "hiprune")
 QUESTION = "what is the colour ?"
 
 

@@ -133,7 +133,7 @@ def test_two_stage_families_offer_the_methods_whose_needs_they_meet():
         two_stage_methods,
     )
 
-    selectors = ["flowcut", "divprune", "pool", "random", "visionzip", "vispruner"]
+    selectors = ["flowcut", "divprune", "hiprune", "pool", "random", "visionzip", "vispruner"]
     assert [name for name in method_names() if get_method(name).selects_units] == selectors
     # unit selectors, language-model methods, unpruned: every registered method today
     assert two_stage_methods() == method_names()

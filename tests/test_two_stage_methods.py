@@ -31,7 +31,7 @@ from flowcut.testing import (
     build_tiny_qwen,
 )
 
-METHODS = ("visionzip", "divprune", "random", "pool", "vispruner")
+METHODS = ("visionzip", "divprune", "random", "pool", "vispruner", "hiprune")
 ENCODER_BUDGET = (*METHODS, "flowcut:encoder")
 """Every way the encoder stage alone keeps the budget: the baselines, and FlowCut with ``stages="encoder"``."""
 

@@ -159,7 +159,7 @@ def test_cached_equals_uncached_greedy(tiny_video):
     assert torch.equal(greedy(model, inputs), greedy(model, inputs, use_cache=False))
 
 
-@pytest.mark.parametrize("method", ["visionzip", "divprune", "pool", "random", "vispruner"])
+@pytest.mark.parametrize("method", ["visionzip", "divprune", "pool", "random", "vispruner", "hiprune"])
 def test_baselines_keep_the_video_budget(tiny_video, method):
     model, processor = tiny_video
     handle = flowcut.apply(model, processor=processor, keep=18, method=method)

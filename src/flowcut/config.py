@@ -34,6 +34,8 @@ _METHOD_ONLY = {
     "ema_weight": (0.5, "FlowCut"),
     "time_scoring": (False, "FlowCut"),
     "important_ratio": (0.5, "VisPruner"),
+    "anchor_share": (0.1, "HiPrune"),
+    "object_layer": (None, "HiPrune"),
 }
 """Settings only some methods read: name -> (default, whose setting); other methods refuse a changed value."""
 
@@ -135,6 +137,11 @@ class FlowCutConfig:
     """``"relation"``: score patches by CLS attention alone (ablation: multi-criteria off)."""
     important_ratio: float = 0.5
     """``method="vispruner"``: the share of ``keep`` chosen by attention; the rest are diverse tokens (paper: 0.5)."""
+    anchor_share: float = 0.1
+    """``method="hiprune"``: α, the share of ``keep`` for anchors and their neighbours (paper: 0.1)."""
+    object_layer: int | None = None
+    """``method="hiprune"``: the 1-based encoder layer whose attention picks the anchors; None: the paper's 9 of
+    CLIP's 24 layers scaled to the tower's depth (``round(9/24 · layers)``)."""
     stages: str = "auto"
     """``"encoder"``: on two-stage families (LLaVA-NeXT, OneVision, Qwen-VL) the encoder stage prunes straight
     to ``keep`` and no decoder layer prunes, so each image's token count is fixed by its size and ``keep``
@@ -159,9 +166,13 @@ class FlowCutConfig:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} is a {owner} setting; it does not apply to {self.method!r}"
                 )
-        ratio = self.important_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"important_ratio must be in [0, 1], got {self.important_ratio!r}")
+        for name in ("important_ratio", "anchor_share"):
+            ratio = getattr(self, name)
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {ratio!r}")
+        layer = self.object_layer
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 1):
+            raise ValueError(f"object_layer must be a positive (1-based) layer number, got {layer!r}")
         stages(method, self.stages)  # a method that prunes only in the language model has no encoder-only mode
         if not 0.0 <= self.ema_weight < 1.0:
             raise ValueError(f"ema_weight must be in [0, 1), got {self.ema_weight!r}")

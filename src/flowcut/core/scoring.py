@@ -52,6 +52,33 @@ def _row_softmax(
     return logits.softmax(dim=-1)
 
 
+def received_attention(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, alive: torch.Tensor | None = None, chunk: int = 256
+) -> torch.Tensor:
+    """The attention each token receives, averaged over heads and over every alive query: ``(B,H,K,d) -> (B,K)``.
+
+    The column means of the layer's attention matrix, computed ``chunk`` query rows at a time so the
+    ``K × K`` matrix is never held whole. Padding slots (``alive`` False) neither attend nor are attended.
+    """
+    dtype = score_dtype(query.dtype)
+    query, key = query.to(dtype), key.to(dtype)
+    batch, heads, tokens, _ = query.shape
+    total = query.new_zeros(batch, tokens)
+    mask = None if alive is None else ~alive[:, None, None, :]
+    for start in range(0, tokens, chunk):
+        logits = query[:, :, start : start + chunk] @ key.transpose(-1, -2) * scaling
+        if mask is not None:
+            logits = logits.masked_fill(mask, float("-inf"))
+        rows = logits.softmax(dim=-1)
+        if alive is not None:
+            rows = rows * alive[:, None, start : start + chunk, None]
+        total += rows.sum(dim=(1, 2))
+    queries = torch.full((batch,), float(tokens), dtype=dtype, device=query.device)
+    if alive is not None:
+        queries = alive.sum(dim=1).to(dtype)
+    return total / (heads * queries[:, None])
+
+
 def value_l1_norm(value: torch.Tensor) -> torch.Tensor:
     """Information density: L1 norm of each token's head-averaged value vector, ``(B,H,K,d) -> (B,K)``."""
     return value.to(score_dtype(value.dtype)).mean(dim=1).abs().sum(dim=-1)

@@ -12,7 +12,13 @@ import torch
 
 from flowcut import compat
 from flowcut.core.encoder_stage import AttentionRecord, AttentionRecorder, ImageTrace
-from flowcut.core.scoring import CriteriaScores, cls_criteria, global_query_criteria, group_criteria
+from flowcut.core.scoring import (
+    CriteriaScores,
+    cls_criteria,
+    global_query_criteria,
+    group_criteria,
+    received_attention,
+)
 from flowcut.runtime.attention import attention_context, key_padding_mask, recording_attention, resolve_attention
 from flowcut.runtime.family import EncoderWork
 
@@ -138,6 +144,10 @@ class ClipEncoderAdapter:
         """Each patch's key averaged over heads, ``(B, N, d)`` (query slots excluded)."""
         return record.key.mean(dim=1)[:, self.query_slots :]
 
+    def received_attention(self, record: AttentionRecord, alive: torch.Tensor | None) -> torch.Tensor:
+        """The attention each patch receives from every token (CLS included), head-averaged: ``(B, N)``."""
+        return received_attention(record.query, record.key, record.scaling, alive)[:, self.query_slots :]
+
 
 class SiglipEncoderAdapter(ClipEncoderAdapter):
     """Runs a ``SiglipVisionModel`` (no CLS token) layer by layer; patches are scored from the global token."""
@@ -234,6 +244,11 @@ class GroupedPatchAdapter:
     def criteria(self, record: AttentionRecord, alive: torch.Tensor | None) -> CriteriaScores:
         """The patch adapter's criteria (CLS or global token), grouped into cells."""
         return group_criteria(self.patches.criteria(record, self._patch_alive(alive)), self.group)
+
+    def received_attention(self, record: AttentionRecord, alive: torch.Tensor | None) -> torch.Tensor:
+        """The attention each cell's patches receive together from every token: ``(B, N)``."""
+        patches = self.patches.received_attention(record, self._patch_alive(alive))
+        return patches.view(patches.shape[0], -1, self.group).sum(dim=-1)
 
     def unit_keys(self, record: AttentionRecord, alive: torch.Tensor | None) -> torch.Tensor:
         """Each cell's key: its patches' keys averaged over heads and over the cell, ``(B, N, d)``."""

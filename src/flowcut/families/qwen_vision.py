@@ -30,7 +30,7 @@ import torch
 
 from flowcut import compat
 from flowcut.core.encoder_stage import AttentionRecord, AttentionRecorder
-from flowcut.core.scoring import CriteriaScores, global_query_criteria, group_criteria
+from flowcut.core.scoring import CriteriaScores, global_query_criteria, group_criteria, received_attention
 from flowcut.runtime.attention import recording_attention, resolve_attention
 
 
@@ -206,6 +206,16 @@ class QwenVisionAdapter:
             patch_alive = alive.repeat_interleave(self.group, dim=1)
         per_patch = global_query_criteria(query, key, value, record.scaling, patch_alive)
         return group_criteria(per_patch, self.group)
+
+    def received_attention(self, record: AttentionRecord, alive: torch.Tensor | None) -> torch.Tensor:
+        """The attention each unit's patches receive together from every patch of its image: ``(B, N)``.
+
+        Over the whole image, as if every block attended globally (Qwen2.5-VL's windowed blocks do not).
+        """
+        query, key = (self._per_patch(record, tensor) for tensor in (record.query, record.key))
+        patch_alive = None if alive is None else alive.repeat_interleave(self.group, dim=1)
+        patches = received_attention(query, key, record.scaling, patch_alive)
+        return patches.view(patches.shape[0], -1, self.group).sum(dim=-1)
 
     def unit_keys(self, record: AttentionRecord, alive: torch.Tensor | None) -> torch.Tensor:
         """Each unit's key: its patches' keys averaged over heads and over the group, ``(B, N, d)``."""

@@ -262,20 +262,41 @@ def _run_layers(
     hidden_states: torch.Tensor,
     feature_layer: int,
     alive: torch.Tensor | None,
-    record_last: bool,
-) -> tuple[torch.Tensor, AttentionRecord | None]:
-    """Layers 0 to ``feature_layer``, unpruned; the last layer's attention inputs if asked."""
-    recorder = AttentionRecorder() if record_last else None
+    recorded: tuple[int, ...],
+) -> tuple[torch.Tensor, dict[int, AttentionRecord]]:
+    """Layers 0 to ``feature_layer``, unpruned; the attention inputs of the ``recorded`` layers."""
+    records = {}
     for index in range(feature_layer + 1):
-        last = index == feature_layer
-        hidden_states = encoder.run_layer(index, hidden_states, alive, recorder if last else None)
-    return hidden_states, recorder.take() if recorder is not None else None
+        recorder = AttentionRecorder() if index in recorded else None
+        hidden_states = encoder.run_layer(index, hidden_states, alive, recorder)
+        if recorder is not None:
+            records[index] = recorder.take()
+    return hidden_states, records
 
 
 def run_to_feature_layer(call: EncoderCall, record_last: bool = False) -> tuple[torch.Tensor, AttentionRecord | None]:
     """The unpruned feature-layer output ``(B, 1 + N, D)``, and that layer's attention inputs if asked."""
+    hidden_states, _, records = run_recording(call, (call.feature_layer,) if record_last else ())
+    return hidden_states, records.get(call.feature_layer)
+
+
+def run_recording(
+    call: EncoderCall | UnitCall, layers: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, AttentionRecord]]:
+    """A call's unpruned feature-layer states, its padding mask (None: every row is full) and the attention
+    inputs of ``layers``."""
     hidden_states = call.encoder.embed(call.pixel_values)
-    return _run_layers(call.encoder, hidden_states, call.feature_layer, None, record_last)
+    alive = _padding(call, hidden_states) if isinstance(call, UnitCall) else None
+    hidden_states, records = _run_layers(call.encoder, hidden_states, call.feature_layer, alive, layers)
+    return hidden_states, alive, records
+
+
+def _padding(call: UnitCall, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """The slot mask of a unit call's padded rows (None: every row is full)."""
+    lead = call.encoder.query_slots
+    width = hidden_states.shape[1] - lead
+    counts = [call.unit_count(row) for row in range(call.rows)]
+    return None if min(counts) == width else slot_mask(counts, width, lead, hidden_states.device)
 
 
 def run_units_to_feature_layer(
@@ -283,13 +304,8 @@ def run_units_to_feature_layer(
 ) -> tuple[torch.Tensor, torch.Tensor | None, AttentionRecord | None]:
     """A unit call's unpruned feature-layer states ``(B, query_slots + N_max, D)``, its padding mask (None:
     every row is full) and that layer's attention inputs if asked."""
-    hidden_states = call.encoder.embed(call.pixel_values)
-    lead = call.encoder.query_slots
-    width = hidden_states.shape[1] - lead
-    counts = [call.unit_count(row) for row in range(call.rows)]
-    alive = None if min(counts) == width else slot_mask(counts, width, lead, hidden_states.device)
-    hidden_states, record = _run_layers(call.encoder, hidden_states, call.feature_layer, alive, record_last)
-    return hidden_states, alive, record
+    hidden_states, alive, records = run_recording(call, (call.feature_layer,) if record_last else ())
+    return hidden_states, alive, records.get(call.feature_layer)
 
 
 def kept_units_output(
@@ -321,6 +337,15 @@ def _feature_layer_trace(kept_indices: torch.Tensor, units: int, feature_layer: 
     return ImageTrace(kept, [units] * layers, [feature_layer], [None] * layers, kept_after_prune=[kept])
 
 
+def kept_patches_output(call: EncoderCall, hidden_states: torch.Tensor, kept: list[torch.Tensor]) -> MethodOutput:
+    """The output of images whose patches were chosen at the unpruned feature layer (``kept``: ascending, per
+    image): those patches' states ``(B, keep, D)``, projected."""
+    patches = torch.stack(
+        [states[1 + indices.to(states.device)] for states, indices in zip(hidden_states, kept, strict=True)]
+    )
+    return MethodOutput(call.project(patches), patches, [unpruned_trace(indices.cpu(), call) for indices in kept])
+
+
 def unpruned_trace(kept_indices: torch.Tensor, call: EncoderCall) -> ImageTrace:
     """The trace of an image whose encoder ran unpruned and whose tokens were chosen at the feature layer."""
     return _feature_layer_trace(kept_indices, call.num_patches, call.feature_layer)
@@ -341,9 +366,11 @@ __all__ = [
     "Stages",
     "UnitCall",
     "get_method",
+    "kept_patches_output",
     "kept_units_output",
     "method_names",
     "register",
+    "run_recording",
     "run_to_feature_layer",
     "run_units_to_feature_layer",
     "stages",

@@ -12,11 +12,11 @@ from flowcut.methods import (
     Method,
     MethodOutput,
     UnitCall,
+    kept_patches_output,
     kept_units_output,
     register,
     run_to_feature_layer,
     run_units_to_feature_layer,
-    unpruned_trace,
 )
 
 
@@ -51,10 +51,7 @@ class RandomSample(Method):
         kept = [
             random_patches(image, call.num_patches, call.config.keep, call.config.seed) for image in call.pixel_values
         ]
-        patches = torch.stack(
-            [states[1 + indices.to(states.device)] for states, indices in zip(hidden_states, kept, strict=True)]
-        )
-        return MethodOutput(call.project(patches), patches, [unpruned_trace(indices, call) for indices in kept])
+        return kept_patches_output(call, hidden_states, kept)
 
     def select_units(self, call: UnitCall) -> EncoderStageOutput:
         """Each row's sample among its candidate units, seeded by the row's own pixels."""

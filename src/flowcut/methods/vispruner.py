@@ -25,11 +25,11 @@ from flowcut.methods import (
     Method,
     MethodOutput,
     UnitCall,
+    kept_patches_output,
     kept_units_output,
     register,
     run_to_feature_layer,
     run_units_to_feature_layer,
-    unpruned_trace,
 )
 
 STEP = 8
@@ -82,10 +82,7 @@ class VisPruner(Method):
             vispruner_units(states[1:], patch_attention, call.config.keep, ratio)
             for states, patch_attention in zip(hidden_states, attention, strict=True)
         ]
-        patches = torch.stack(
-            [states[1 + indices.to(states.device)] for states, indices in zip(hidden_states, kept, strict=True)]
-        )
-        return MethodOutput(call.project(patches), patches, [unpruned_trace(indices.cpu(), call) for indices in kept])
+        return kept_patches_output(call, hidden_states, kept)
 
     def select_units(self, call: UnitCall) -> EncoderStageOutput:
         """Per row, VisPruner among its candidate units; a unit's attention is what its patches receive together."""

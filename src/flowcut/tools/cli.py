@@ -457,9 +457,13 @@ def bench(
         int | None, typer.Option(help="Frames sampled from --video (default: the preset's, else 8).")
     ] = None,
     prompt: Annotated[str, typer.Option(help="Question asked in every round.")] = "what colour is the square ?",
-    methods: Annotated[str, typer.Option(help=f"Comma-separated, from: {', '.join(METHODS)}.")] = (
-        "flowcut,visionzip,fastv,divprune,random"
-    ),
+    methods: Annotated[
+        str,
+        typer.Option(
+            help=f"Comma-separated, from: {', '.join(METHODS)}; 'name:encoder' runs a method's encoder-only mode "
+            "on two-stage families (flowcut:encoder next to flowcut compares the two)."
+        ),
+    ] = "flowcut,visionzip,fastv,divprune,random",
     budgets: Annotated[str, typer.Option(help="Comma-separated visual-token budgets per image.")] = "64",
     rounds: Annotated[int, typer.Option(help="Measured rounds (each setting once per round, interleaved).")] = 5,
     warmup: Annotated[int, typer.Option(help="Unrecorded rounds first.")] = 1,
@@ -515,9 +519,7 @@ def bench(
     names = _name_list(methods)
     keeps = _int_list(budgets, "budgets")
     try:
-        settings = [BenchSetting(None)] + [
-            BenchSetting(name, FlowCutConfig(keep=keep, method=name).keep) for name in names for keep in keeps
-        ]
+        settings = [BenchSetting(None)] + [BenchSetting.parse(name, keep) for name in names for keep in keeps]
     except (TypeError, ValueError) as error:
         _fail(str(error))
     if image is not None and video is not None:

@@ -34,6 +34,7 @@ METHODS = {
     "visionzip": ("VisionZip", {"method": "visionzip"}),
     "divprune": ("DivPrune", {"method": "divprune"}),
     "vispruner": ("VisPruner", {"method": "vispruner"}),
+    "hiprune": ("HiPrune", {"method": "hiprune"}),
     "fastv": ("FastV", {"method": "fastv"}),
     "pool": ("pool", {"method": "pool"}),
     "random": ("random", {"method": "random"}),

@@ -39,16 +39,30 @@ class BenchSetting:
 
     method: str | None
     keep: int | None = None
+    stages: str = "auto"
+    """``"encoder"``: the method's encoder-only mode on two-stage families (:attr:`FlowCutConfig.stages`)."""
+
+    @classmethod
+    def parse(cls, spec: str, keep: int | float) -> BenchSetting:
+        """A setting from ``"method"`` or ``"method:encoder"`` (its encoder-only mode) at ``keep``; checked."""
+        method, _, stages = spec.partition(":")
+        config = FlowCutConfig(keep=keep, method=method, stages=stages or "auto")
+        return cls(method, config.keep, config.stages)
+
+    @property
+    def series(self) -> str:
+        """The method as the tables and plot name it: ``"flowcut"``, ``"flowcut:encoder"``."""
+        return f"{self.method}:{self.stages}" if self.stages != "auto" else str(self.method)
 
     @property
     def label(self) -> str:
-        """``"flowcut@64"``, or ``"unpruned"``."""
-        return "unpruned" if self.method is None else f"{self.method}@{self.keep}"
+        """``"flowcut@64"``, ``"flowcut:encoder@64"``, or ``"unpruned"``."""
+        return "unpruned" if self.method is None else f"{self.series}@{self.keep}"
 
     def config(self) -> FlowCutConfig:
         """The pruning configuration of a method setting (FlowCut also times its own scoring)."""
         timed = self.method is not None and "time_scoring" in get_method(self.method).settings
-        return FlowCutConfig(keep=self.keep, method=self.method, time_scoring=timed)
+        return FlowCutConfig(keep=self.keep, method=self.method, time_scoring=timed, stages=self.stages)
 
 
 @dataclass
@@ -448,9 +462,12 @@ def plot(results: Sequence[BenchResult], path: Any) -> Any:
     reference = results[0]
     figure = Figure(figsize=(10, 4), dpi=120)
     measured, bound = figure.subplots(1, 2, sharey=True)
-    methods = dict.fromkeys(result.setting.method for result in results if result.setting.method is not None)
+    methods = dict.fromkeys(result.setting.series for result in results if result.setting.method is not None)
     for method in methods:
-        rows = sorted((r for r in results if r.setting.method == method), key=lambda r: r.visual_tokens)
+        rows = sorted(
+            (r for r in results if r.setting.method is not None and r.setting.series == method),
+            key=lambda r: r.visual_tokens,
+        )
         budgets = [r.visual_tokens for r in rows]
         measured.plot(budgets, [reference.median("prefill") / r.median("prefill") for r in rows], "o-", label=method)
         if reference.flops is not None and all(r.flops is not None for r in rows):
