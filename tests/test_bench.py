@@ -328,10 +328,23 @@ def test_encoder_only_mode_is_benchmarked_next_to_the_two_stage_one(tmp_path):
     assert BenchSetting.parse("flowcut:encoder", 8) == BenchSetting("flowcut", 8, "encoder")
     assert BenchSetting.parse("flowcut:encoder", 8).label == "flowcut:encoder@8"
     assert BenchSetting.parse("visionzip", 0.5).label == "visionzip@0.5"
-    with pytest.raises(ValueError, match="unknown stages 'decoder'; available"):
+    with pytest.raises(ValueError, match="'flowcut:decoder': write a method name, or 'name:encoder'"):
         BenchSetting.parse("flowcut:decoder", 8)
     with pytest.raises(ValueError, match="'fastv' prunes only inside the language model"):
         BenchSetting.parse("fastv:encoder", 8)
+    with pytest.raises(ValueError, match="'none:encoder': method 'none' prunes nowhere"):
+        BenchSetting.parse("none:encoder", 8)
+    with pytest.raises(ValueError, match="'flowcut:': write a method name, or 'name:encoder'"):
+        BenchSetting.parse("flowcut:", 8)
+    llava, llava_processor = build_tiny_llava(vision_layers=3, text_layers=2)
+    with pytest.raises(ValueError, match="LLaVA prunes in the vision encoder alone: 'name:encoder' is the same"):
+        benchmark(
+            llava,
+            llava_processor,
+            make_image(0),
+            "what ?",
+            [BenchSetting(None), BenchSetting.parse("flowcut:encoder", 8)],
+        )
     model, processor = build_tiny_qwen("2", max_pixels=64 * 64)
     settings = [BenchSetting(None), BenchSetting.parse("flowcut", 4), BenchSetting.parse("flowcut:encoder", 4)]
     unpruned, two_stage, encoder_only = benchmark(

@@ -349,3 +349,11 @@ def test_views_of_different_budgets_in_one_pass_are_pruned_as_alone(name):
                 both.hidden_states[row, : lead + count], alone.hidden_states[0, : lead + count], rtol=1e-4, atol=1e-5
             )
         assert both.images[0].tokens_per_layer != both.images[1].tokens_per_layer  # the rows were ragged
+
+
+def test_the_pruned_tower_refuses_to_make_up_per_patch_outputs():
+    family = built("internvl")
+    pixels = family.inputs(family.processor, [[images()[0]]])["pixel_values"]
+    with flowcut.apply(family.model, keep=KEEP), torch.no_grad():
+        with pytest.raises(ValueError, match="output_hidden_states and output_attentions are not available while"):
+            family.model.model.get_image_features(pixels, output_hidden_states=True)

@@ -144,3 +144,39 @@ def test_encodings_describe_their_media_and_foreign_ones_are_refused(builder):
         given = {key: value for key, value in inputs.items() if key != "pixel_values"}
         from_encoding = model(**given, mm_encoder_outputs={"image": encoding}).logits
         assert torch.equal(from_encoding, model(**inputs).logits)
+
+
+FEATURE_ARGUMENTS = {
+    "llava": ("pixel_values",),
+    "llava-next": ("pixel_values", "image_sizes"),
+    "qwen2-vl": ("pixel_values", "image_grid_thw"),
+    "gemma3": ("pixel_values",),
+    "internvl": ("pixel_values",),
+}
+
+
+def _same(first, second) -> bool:
+    if isinstance(first, torch.Tensor):
+        return torch.equal(first, second)
+    if isinstance(first, (list, tuple)):
+        return len(first) == len(second) and all(_same(a, b) for a, b in zip(first, second, strict=True))
+    return first == second
+
+
+@pytest.mark.parametrize("family", FEATURE_ARGUMENTS)
+def test_a_tuple_asked_for_is_the_stock_methods_tuple(family):
+    """``return_dict=False``: where nothing is pruned, the stock tuple itself; where the tower prunes, the tuple
+    of the same output object (no FlowCut description fields)."""
+    model, processor = BUILDERS[family]()
+    pixels = processor.image_processor(images=[picture(48, 64, 0)], return_tensors="pt")
+    arguments = [pixels[name] for name in FEATURE_ARGUMENTS[family]]
+    extra = {"vision_feature_layer": -1, "vision_feature_select_strategy": "default"} if family == "internvl" else {}
+    with torch.no_grad():
+        stock = model.model.get_image_features(*arguments, return_dict=False, **extra)
+        with flowcut.apply(model, processor=processor, keep=10_000):
+            assert _same(model.model.get_image_features(*arguments, return_dict=False), stock)
+        with flowcut.apply(model, processor=processor, keep=4):
+            as_tuple = model.model.get_image_features(*arguments, return_dict=False)
+            as_output = model.model.get_image_features(*arguments)
+    own = tuple(value for name, value in as_output.items() if name not in ("media", "scoring_seconds", "rows"))
+    assert isinstance(as_tuple, tuple) and _same(as_tuple, own)

@@ -12,7 +12,7 @@ own (256 tokens each): each keeps ``keep`` cells.
 
 One stage. As for LLaVA-1.5 (a fixed, small number of tokens per image) the encoder keeps ``keep``
 cells and the language model is not pruned; every encoder method (FlowCut, VisionZip, DivPrune,
-pool, random) selects cells. ``keep`` at or above 256 runs the stock tower, bit for bit. Everything
+VisPruner, HiPrune, pool, random) selects cells. ``keep`` at or above 256 runs the stock tower, bit for bit. Everything
 but the declaration is :class:`~flowcut.families.views.FixedViewFamily`.
 """
 

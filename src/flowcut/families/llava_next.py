@@ -232,8 +232,6 @@ class LlavaNextFamily(TwoStageFamily):
         for i, feature in zip(pruned, features_pruned, strict=True):
             features[i] = feature
         output = compat.encoder_output(pooler_output=features)
-        if not kwargs.get("return_dict", True):
-            return output.to_tuple()
         return media_encoding(output, (layouts, stage.images), stage.scoring_seconds)
 
     def _check_settings(self, kwargs: dict[str, Any]) -> None:
@@ -263,8 +261,6 @@ class LlavaNextFamily(TwoStageFamily):
         features = torch.stack([torch.cat(tokens[video * frames : (video + 1) * frames]) for video in range(videos)])
         frame_traces = [stage.images[video * frames : (video + 1) * frames] for video in range(videos)]
         output = compat.encoder_output(pooler_output=features)
-        if not kwargs.get("return_dict", True):
-            return output.to_tuple()
         return media_encoding(output, ([layout] * videos, frame_traces), stage.scoring_seconds)
 
     @staticmethod

@@ -232,8 +232,6 @@ class QwenFamily(TwoStageFamily):
             output = compat.DeepstackEncoderOutput(
                 **fields, deepstack_features=[_per_item(layer, items) for layer in deepstack]
             )
-        if not kwargs.get("return_dict", True):
-            return output.to_tuple()
         return media_encoding(output, (items, grid_thw), stage.scoring_seconds)
 
     def rope_index(
@@ -463,5 +461,5 @@ class QwenFamily(TwoStageFamily):
         slices, rows, columns = (int(side) for side in video_inputs["video_grid_thw"][index])
         per_slice = rows * columns // self.encoder.group
         budget, placeholders = self._slice_placeholders(slices, per_slice)
-        runs = tuple(placeholders) if self.timestamped_videos else ()
+        runs = tuple(placeholders) if self.timestamped_videos and slices > 1 else ()
         return MediaItem(slices * per_slice, sum(placeholders), budget, runs)

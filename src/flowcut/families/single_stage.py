@@ -173,8 +173,6 @@ class SingleStageFamily(MediaFamily):
             media, seconds = (items, (views.traces, feature_layer)), views.scoring_seconds
         if self.pruner is None:
             self.publish(PassMedia({"image": media}, seconds), None, None)
-        if not kwargs.get("return_dict", True):
-            return output.to_tuple()
         return media_encoding(output, media, seconds)
 
     def publish(self, media: PassMedia, kept: Kept | None, positions: torch.Tensor | None) -> None:

@@ -125,8 +125,6 @@ class VideoLlavaFamily(LlavaFamily):
         media = ([item] * videos, (frame_traces, feature_layer))
         self.publish(PassMedia({"video": media}, scoring_seconds), None, None)
         output = compat.encoder_output(pooler_output=video_features)
-        if not kwargs.get("return_dict", True):
-            return output.to_tuple()
         return media_encoding(output, media, scoring_seconds)
 
     def publish(self, media: PassMedia, kept: Kept | None, positions: torch.Tensor | None) -> None:

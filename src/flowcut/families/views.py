@@ -89,9 +89,20 @@ class FixedViewFamily(TwoStageFamily):
     def image_features(
         self, stock: Callable[..., Any], pixel_values: torch.Tensor, **kwargs: Any
     ) -> compat.EncoderOutput | tuple:
-        """FlowCut's replacement for the inner model's ``get_image_features``: each view's kept cells, projected."""
+        """FlowCut's replacement for the inner model's ``get_image_features``: each view's kept cells, projected.
+
+        Where the tower prunes, ``last_hidden_state`` holds the kept units' states (a unit's patches side by
+        side, the query token first where the tower has one), not every patch's.
+        """
         arguments = {**self.feature_arguments(), **{k: v for k, v in kwargs.items() if v is not None}}
         self.check_feature_arguments(arguments)
+        if self.view.placeholders < self.encoder.num_patches and (
+            arguments.get("output_hidden_states") or arguments.get("output_attentions")
+        ):
+            raise ValueError(
+                "output_hidden_states and output_attentions are not available while FlowCut prunes the vision "
+                "tower (the pruned layers do not run over every patch); method='none' gives the stock outputs"
+            )
         items = [self.view] * pixel_values.shape[0]
         cells, layers = self.encoder.num_patches, self.encoder.num_layers
         if self.view.placeholders >= cells:  # the encoder keeps every cell: the stock tower, bit for bit
@@ -106,8 +117,6 @@ class FixedViewFamily(TwoStageFamily):
             pooled = self.project(stage.hidden_states[:, self.encoder.query_slots :])
             output = compat.encoder_output(last_hidden_state=stage.hidden_states, pooler_output=pooled)
             traces, seconds = stage.images, stage.scoring_seconds
-        if not kwargs.get("return_dict", True):
-            return output.to_tuple()
         return media_encoding(output, (items, traces), seconds)
 
     def publish(self, media: PassMedia, kept: Kept | None, positions: torch.Tensor | None) -> None:

@@ -39,7 +39,7 @@ def _encoding_class(output_class: type) -> type:
 def media_encoding(output: Any, media: tuple[Any, Any], scoring_seconds: float | None = None) -> Any:
     """``output`` (a ``get_*_features`` result) as a :class:`MediaEncoding` of ``media``, of its own class.
 
-    Anything but an output object (a tuple asked for with ``return_dict=False``) is returned as it is.
+    Anything but an output object is returned as it is.
     """
     if not isinstance(output, compat.EncoderOutput):
         return output
@@ -48,8 +48,12 @@ def media_encoding(output: Any, media: tuple[Any, Any], scoring_seconds: float |
         # videos are encoded by its get_image_features): describe the items of this call instead
         output_class = next(base for base in output_class.__mro__ if not issubclass(base, MediaEncoding))
         fields = {name: value for name, value in fields.items() if name not in _DESCRIPTION}
-    rows = len(output.pooler_output)
-    return _encoding_class(output_class)(**fields, media=media, scoring_seconds=scoring_seconds, rows=rows)
+    encoding = _encoding_class(output_class)(
+        media=media, scoring_seconds=scoring_seconds, rows=len(output.pooler_output)
+    )
+    for name, value in fields.items():  # in the output's own order: its tuple (return_dict=False) keeps it
+        setattr(encoding, name, value)
+    return encoding
 
 
 _DESCRIPTION = ("media", "scoring_seconds", "rows")
@@ -83,3 +87,10 @@ def total_scoring_seconds(*seconds: float | None) -> float | None:
     """The sum of the timed parts, or None where none was timed."""
     timed = [part for part in seconds if part is not None]
     return sum(timed) if timed else None
+
+
+def stock_tuple(output: Any) -> Any:
+    """An output object as the stock method's ``return_dict=False`` tuple (without FlowCut's description fields)."""
+    if not isinstance(output, compat.EncoderOutput):
+        return output
+    return tuple(value for name, value in output.items() if name not in _DESCRIPTION)

@@ -18,6 +18,7 @@ import torch
 from flowcut import compat
 from flowcut.methods import get_method
 from flowcut.runtime.attention import check_attention
+from flowcut.runtime.encoding import stock_tuple
 from flowcut.runtime.instance import InstancePatch
 
 if TYPE_CHECKING:
@@ -52,7 +53,14 @@ def _replacement(handler: Handler) -> Callable[[Callable[..., Any]], Callable[..
         def replacement(*args: Any, **kwargs: Any) -> Any:
             arguments = dict(signature.bind(*args, **kwargs).arguments)
             extra = arguments.pop(rest, {}) if rest else {}
-            return handler(stock, **arguments, **extra)
+            # The handler and the stock method it calls work on output objects; a caller that asked for a
+            # tuple (``return_dict=False``) gets the handler's output as the stock method's tuple.
+            holder = arguments if "return_dict" in arguments else extra
+            as_tuple = holder.get("return_dict", True) is False
+            if as_tuple:
+                holder["return_dict"] = True
+            output = handler(stock, **arguments, **extra)
+            return stock_tuple(output) if as_tuple else output
 
         replacement.__name__ = getattr(stock, "__name__", "replacement")
         replacement.__doc__ = f"{replacement.__name__}, through FlowCut (installed by flowcut.apply on this instance)."

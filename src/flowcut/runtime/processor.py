@@ -42,8 +42,10 @@ def adapt_processor(
     video ``index`` of the processed ``video_inputs``. ``counted_markers``: the tokens the processor's
     counter adds to each image's placeholders (InternVL: its start and end markers). A processor whose
     stock count differs from the item's does not belong to the model, and is refused. The changes go
-    into ``patch``; its ``restore()`` undoes them. Each run of placeholders the stock processor writes
-    is one item's (Gemma 3 writes one run per pan-and-scan crop).
+    into ``patch``; its ``restore()`` undoes them. Each run of image placeholders the stock processor
+    writes is one item's (Gemma 3 writes one run per pan-and-scan crop); a video may be several runs
+    (Qwen3-VL: one per timestamped slice, counts from ``item.runs``). The placeholder counter
+    (``_get_num_multimodal_tokens``) is adapted for images; its video counts stay the stock ones.
     """
 
     def placeholders(stock: int, size: Any) -> int:

@@ -28,6 +28,7 @@ from flowcut.api import apply, check_applicable
 from flowcut.config import FlowCutConfig
 from flowcut.families import family_of
 from flowcut.methods import get_method
+from flowcut.runtime.media import TwoStageFamily
 from flowcut.tools.bench.flops import PrefillFlops, ProjectorShape, TextShape, VisionShape, prefill_flops
 from flowcut.tools.bench.memory import peak_bytes
 from flowcut.tools.prompting import prompt_inputs, video_prompt_inputs
@@ -45,8 +46,12 @@ class BenchSetting:
     @classmethod
     def parse(cls, spec: str, keep: int | float) -> BenchSetting:
         """A setting from ``"method"`` or ``"method:encoder"`` (its encoder-only mode) at ``keep``; checked."""
-        method, _, stages = spec.partition(":")
+        method, colon, stages = spec.partition(":")
+        if colon and stages != "encoder":
+            raise ValueError(f"{spec!r}: write a method name, or 'name:encoder' for its encoder-only mode")
         config = FlowCutConfig(keep=keep, method=method, stages=stages or "auto")
+        if stages and not get_method(config.method).prunes:
+            raise ValueError(f"{spec!r}: method {method!r} prunes nowhere, so it has no encoder-only mode")
         return cls(method, config.keep, config.stages)
 
     @property
@@ -258,6 +263,11 @@ def benchmark(
     if generate and new_tokens < 2:
         raise ValueError("new_tokens must be at least 2 (decode speed compares it with a one-token generate)")
     check_applicable(model, [setting.config() for setting in settings if setting.method is not None])
+    family = family_of(model)
+    if any(setting.stages == "encoder" for setting in settings) and not issubclass(family, TwoStageFamily):
+        raise ValueError(
+            f"{family.family_name} prunes in the vision encoder alone: 'name:encoder' is the same as 'name' there"
+        )
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     timed = _timer(device)
     results: dict[BenchSetting, BenchResult] = {}
