@@ -14,6 +14,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,7 +22,7 @@ import flowcut
 from conftest import picture
 from flowcut import compat
 from flowcut.families.clip import GroupedPatchAdapter, SiglipEncoderAdapter
-from flowcut.families.internvl import VIDEOS_UNSUPPORTED, InternVitAdapter
+from flowcut.families.internvl import InternVitAdapter
 from flowcut.methods import UnitCall
 from flowcut.testing import build_tiny_gemma3, build_tiny_internvl
 
@@ -298,7 +299,7 @@ def test_internvl_groups_are_the_pixel_shuffles_and_the_unpruned_run_is_the_stoc
             torch.testing.assert_close(handle._family.project(states[:, 1:]), stock.pooler_output)
 
 
-def test_internvl_keeps_each_tile_and_its_thumbnail_apart_and_refuses_videos_and_other_feature_layers():
+def test_internvl_keeps_each_tile_and_its_thumbnail_and_each_video_frame_apart_and_refuses_other_feature_layers():
     family = built("internvl")
     model, processor = family.model, copy.deepcopy(family.processor)
     wide = images()[0]
@@ -310,8 +311,19 @@ def test_internvl_keeps_each_tile_and_its_thumbnail_apart_and_refuses_videos_and
         for index, view in enumerate(handle.last_trace.images):  # a view keeps what it keeps encoded alone
             _, (alone,) = model.model.get_image_features(tiles[index : index + 1]).media
             assert torch.equal(alone.kept_indices, view.kept_indices)
-        with pytest.raises(ValueError, match=VIDEOS_UNSUPPORTED):
-            processor.replace_video_token({"pixel_values_videos": torch.zeros(1, 2, 3, 32, 32)}, 0)
+        # a video: its frames are views of their own (one tile each), each keeps KEEP
+        clip = np.stack([np.asarray(picture(40, 40, 10 + frame)) for frame in range(3)])
+        text = "USER: <video> what is the colour ? ASSISTANT:"
+        stock = family.processor(videos=[clip], text=[text], return_tensors="pt")
+        assert placeholders(model, stock) == [3 * 16] and stock["pixel_values"].shape[0] == 3
+        video = processor(videos=[clip], text=[text], return_tensors="pt")
+        assert placeholders(model, video) == [3 * KEEP]
+        assert torch.equal(
+            video["input_ids"][video["input_ids"] != model.config.image_token_id],
+            stock["input_ids"][stock["input_ids"] != model.config.image_token_id],
+        )  # frame text kept
+        model(**video)
+        assert len(handle.last_trace.images) == 3 and handle.last_trace.image_tokens == [(16, KEEP, KEEP)] * 3
     model.config.vision_feature_layer = -2
     try:
         with pytest.raises(

@@ -16,7 +16,8 @@ shuffle concatenates each 2×2 group of patches into one of the tile's 256 token
   tile in the encoder and ``T`` per tile after decoder layer 1; the other encoder methods keep ``T``
   in the encoder; FastV prunes each tile's 256 tokens to ``T`` after layer 1.
 
-Videos are refused for now (their frames are images of their own, with frame text between them).
+Videos: InternVL writes a video as its frames, each an image of one view with ``FrameN:`` text before
+it, and hands the frames to the model as images; each frame keeps ``keep`` as every view does.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ from flowcut.families.clip import ClipEncoderAdapter, GroupedPatchAdapter, check
 from flowcut.families.views import FixedViewFamily
 from flowcut.runtime.attention import attention_context, key_padding_mask
 from flowcut.runtime.processor import adapt_processor
-
-VIDEOS_UNSUPPORTED = "FlowCut's InternVL path prunes images and their tiles; video inputs are not supported yet"
 
 
 class InternVitAdapter(ClipEncoderAdapter):
@@ -114,13 +113,9 @@ class InternVLFamily(FixedViewFamily):
         return self.base.multi_modal_projector(patches.flatten(2))
 
     def patch_processor(self, processor: Any) -> None:
-        """Images as for every family; videos refused at the processor (see the module's notes)."""
-
-        def refuse_video(video_inputs: dict, index: int) -> Any:
-            raise ValueError(VIDEOS_UNSUPPORTED)
-
+        """Images as for every family, a video's frames as images (each a view of its own)."""
         image = self.processor_image
         # Its counter counts each image's start and end markers with the placeholders.
         adapt_processor(
-            processor, self.patch, self.image_token_id, self.family_name, image, refuse_video, counted_markers=2
+            processor, self.patch, self.image_token_id, self.family_name, image, None, 2, frames_as_images=True
         )

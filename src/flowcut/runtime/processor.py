@@ -33,6 +33,7 @@ def adapt_processor(
     image_item: Callable[[int, Any], Any],
     video_item: Callable[[dict, int], Any] | None = None,
     counted_markers: int = 0,
+    frames_as_images: bool = False,
 ) -> None:
     """Make ``processor`` write each image's and video's pruned placeholder count.
 
@@ -46,6 +47,8 @@ def adapt_processor(
     writes is one item's (Gemma 3 writes one run per pan-and-scan crop); a video may be several runs
     (Qwen3-VL: one per timestamped slice, counts from ``item.runs``). The placeholder counter
     (``_get_num_multimodal_tokens``) is adapted for images; its video counts stay the stock ones.
+    ``frames_as_images``: the processor writes a video's frames with the image placeholder, each frame
+    an image item of its own (InternVL).
     """
 
     def placeholders(stock: int, size: Any) -> int:
@@ -79,15 +82,27 @@ def adapt_processor(
             """The image's pruned placeholder runs (installed by flowcut.apply on this processor)."""
             sizes = image_inputs.get("image_sizes")
             size = None if sizes is None else tuple(int(side) for side in sizes[image_idx])
-            # Each run of placeholders is one encoded view (Gemma 3's pan-and-scan crops: one run each).
-            runs = _placeholder_runs(stock_replace(image_inputs, image_idx=image_idx, **kwargs), placeholder)
-            if len(runs) == 1:
-                raise ValueError(f"the processor wrote no {placeholder!r} placeholders for image {image_idx}")
-            for run in range(1, len(runs), 2):
-                runs[run] = placeholder * placeholders(len(runs[run]) // len(placeholder), size)
-            return "".join(runs)
+            text = stock_replace(image_inputs, image_idx=image_idx, **kwargs)
+            return image_runs(text, size, f"image {image_idx}")
 
         return replace_image_token
+
+    def image_runs(text: str, size: Any, what: str) -> str:
+        """Each run of image placeholders in ``text`` as its image item's pruned run (a Gemma 3 crop, a frame)."""
+        runs = _placeholder_runs(text, placeholder)
+        if len(runs) == 1:
+            raise ValueError(f"the processor wrote no {placeholder!r} placeholders for {what}")
+        for run in range(1, len(runs), 2):
+            runs[run] = placeholder * placeholders(len(runs[run]) // len(placeholder), size)
+        return "".join(runs)
+
+    def wrap_frames(stock_replace: Callable[..., str]) -> Callable[..., str]:
+        def replace_video_token(video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
+            """The video's frames as pruned image runs (installed by flowcut.apply on this processor)."""
+            text = stock_replace(video_inputs, video_idx=video_idx, **kwargs)
+            return image_runs(text, None, f"video {video_idx}")
+
+        return replace_video_token
 
     def wrap_counts(stock_counts: Callable[..., Any]) -> Callable[..., Any]:
         def get_num_multimodal_tokens(image_sizes: Any = None, **kwargs: Any) -> Any:
@@ -121,6 +136,8 @@ def adapt_processor(
         patch.override(processor, compat.MULTIMODAL_TOKEN_COUNTS, wrap_counts)
     if video_item is not None:
         patch.override(processor, "replace_video_token", wrap_video_replace)
+    elif frames_as_images and hasattr(processor, "replace_video_token"):
+        patch.override(processor, "replace_video_token", wrap_frames)
 
 
 def _placeholder_runs(text: str, token: str) -> list[str]:

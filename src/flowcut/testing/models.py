@@ -808,10 +808,13 @@ def build_tiny_internvl(
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": image_size, "width": image_size}, crop_to_patches=True, min_patches=1, max_patches=max_tiles
     )
+    # Videos: frames resized to one tile each (InternVL's video processor does not tile), the stand-in of
+    # FrameVideoProcessor for its torchvision-based one.
+    frames = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=False)
     processor = _image_only(InternVLProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        video_processor=None,
+        video_processor=FrameVideoProcessor(frames),
         image_seq_length=(image_size // patch_size // 2) ** 2,
         chat_template=INTERNVL_CHAT_TEMPLATE,
     )
