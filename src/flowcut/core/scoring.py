@@ -174,24 +174,22 @@ def global_query_criteria(
     return CriteriaScores(relation, None, value_l1_norm(value))
 
 
+def grouped(values: torch.Tensor, group: int, reduce: str = "sum") -> torch.Tensor:
+    """Per-token values ``(B, K)`` of groups of ``group`` consecutive tokens, summed or averaged: ``(B, K / group)``."""
+    batch, tokens = values.shape
+    if tokens % group:
+        raise ValueError(f"{tokens} tokens do not form groups of {group}")
+    view = values.view(batch, tokens // group, group)
+    return view.sum(dim=-1) if reduce == "sum" else view.mean(dim=-1)
+
+
 def group_criteria(criteria: CriteriaScores, group: int) -> CriteriaScores:
     """Criteria of groups of ``group`` consecutive tokens: attention summed, density averaged.
 
     The sum is the attention the whole group receives; the mean keeps density on the scale of one token.
     """
-
-    def grouped(values: torch.Tensor | None, reduce: str) -> torch.Tensor | None:
-        if values is None:
-            return None
-        batch, tokens = values.shape
-        if tokens % group:
-            raise ValueError(f"{tokens} tokens do not form groups of {group}")
-        view = values.view(batch, tokens // group, group)
-        return view.sum(dim=-1) if reduce == "sum" else view.mean(dim=-1)
-
-    return CriteriaScores(
-        grouped(criteria.relation, "sum"), grouped(criteria.semantic, "sum"), grouped(criteria.density, "mean")
-    )
+    semantic = None if criteria.semantic is None else grouped(criteria.semantic, group)
+    return CriteriaScores(grouped(criteria.relation, group), semantic, grouped(criteria.density, group, "mean"))
 
 
 def _masked_normalise(score: torch.Tensor, patch_alive: torch.Tensor | None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from flowcut.core.scoring import (
     cls_criteria,
     global_query_criteria,
     group_criteria,
+    grouped,
     received_attention,
 )
 from flowcut.runtime.attention import attention_context, key_padding_mask, recording_attention, resolve_attention
@@ -247,8 +248,7 @@ class GroupedPatchAdapter:
 
     def received_attention(self, record: AttentionRecord, alive: torch.Tensor | None) -> torch.Tensor:
         """The attention each cell's patches receive together from every token: ``(B, N)``."""
-        patches = self.patches.received_attention(record, self._patch_alive(alive))
-        return patches.view(patches.shape[0], -1, self.group).sum(dim=-1)
+        return grouped(self.patches.received_attention(record, self._patch_alive(alive)), self.group)
 
     def unit_keys(self, record: AttentionRecord, alive: torch.Tensor | None) -> torch.Tensor:
         """Each cell's key: its patches' keys averaged over heads and over the cell, ``(B, N, d)``."""

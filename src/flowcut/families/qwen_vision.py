@@ -30,7 +30,7 @@ import torch
 
 from flowcut import compat
 from flowcut.core.encoder_stage import AttentionRecord, AttentionRecorder
-from flowcut.core.scoring import CriteriaScores, global_query_criteria, group_criteria, received_attention
+from flowcut.core.scoring import CriteriaScores, global_query_criteria, group_criteria, grouped, received_attention
 from flowcut.runtime.attention import recording_attention, resolve_attention
 
 
@@ -214,8 +214,7 @@ class QwenVisionAdapter:
         """
         query, key = (self._per_patch(record, tensor) for tensor in (record.query, record.key))
         patch_alive = None if alive is None else alive.repeat_interleave(self.group, dim=1)
-        patches = received_attention(query, key, record.scaling, patch_alive)
-        return patches.view(patches.shape[0], -1, self.group).sum(dim=-1)
+        return grouped(received_attention(query, key, record.scaling, patch_alive), self.group)
 
     def unit_keys(self, record: AttentionRecord, alive: torch.Tensor | None) -> torch.Tensor:
         """Each unit's key: its patches' keys averaged over heads and over the group, ``(B, N, d)``."""

@@ -96,19 +96,17 @@ class FixedViewFamily(TwoStageFamily):
         """
         arguments = {**self.feature_arguments(), **{k: v for k, v in kwargs.items() if v is not None}}
         self.check_feature_arguments(arguments)
-        if self.view.placeholders < self.encoder.num_patches and (
-            arguments.get("output_hidden_states") or arguments.get("output_attentions")
-        ):
-            raise ValueError(
-                "output_hidden_states and output_attentions are not available while FlowCut prunes the vision "
-                "tower (the pruned layers do not run over every patch); method='none' gives the stock outputs"
-            )
         items = [self.view] * pixel_values.shape[0]
         cells, layers = self.encoder.num_patches, self.encoder.num_layers
         if self.view.placeholders >= cells:  # the encoder keeps every cell: the stock tower, bit for bit
             output = stock(pixel_values, **arguments)
             traces, seconds = [stock_image_trace(torch.arange(cells), layers, cells) for _ in items], None
         else:
+            if arguments.get("output_hidden_states") or arguments.get("output_attentions"):
+                raise ValueError(
+                    "output_hidden_states and output_attentions are not available while FlowCut prunes the vision "
+                    "tower (the pruned layers do not run over every patch); method='none' gives the stock outputs"
+                )
             keeps = [self.view.placeholders] * len(items)
             # The projector reads the last layer's output: every layer runs, the one before it prunes last.
             call = UnitCall(self.config, self.encoder, pixel_values, layers - 1, keeps, project=self.project)

@@ -54,13 +54,15 @@ def adapt_processor(
     def placeholders(stock: int, size: Any) -> int:
         return _checked(image_item(stock, size), stock, "image", f"an image of {size}" if size else "an image")
 
-    def video_runs(stock: int, runs: int, video_inputs: dict, index: int) -> list[int]:
+    def video_runs(stock_runs: list[int], video_inputs: dict, index: int) -> list[int]:
         item = video_item(video_inputs, index)  # type: ignore[misc]
-        total = _checked(item, stock, "video", f"video {index}")
-        if runs == 1:
+        total = _checked(item, sum(stock_runs), "video", f"video {index}")
+        if len(stock_runs) == 1:
             return [total]
-        if len(item.runs) != runs:
-            raise ValueError(f"the processor writes video {index} as {runs} runs, the model expects {len(item.runs)}")
+        if len(item.runs) != len(stock_runs):
+            raise ValueError(
+                f"the processor writes video {index} as {len(stock_runs)} runs, the model expects {len(item.runs)}"
+            )
         return list(item.runs)
 
     if not hasattr(processor, "replace_image_token") or getattr(processor, "image_token", None) is None:
@@ -89,12 +91,13 @@ def adapt_processor(
 
     def image_runs(text: str, size: Any, what: str) -> str:
         """Each run of image placeholders in ``text`` as its image item's pruned run (a Gemma 3 crop, a frame)."""
-        runs = _placeholder_runs(text, placeholder)
-        if len(runs) == 1:
-            raise ValueError(f"the processor wrote no {placeholder!r} placeholders for {what}")
-        for run in range(1, len(runs), 2):
-            runs[run] = placeholder * placeholders(len(runs[run]) // len(placeholder), size)
-        return "".join(runs)
+
+        def counts(stock_runs: list[int]) -> list[int]:
+            if not stock_runs:
+                raise ValueError(f"the processor wrote no {placeholder!r} placeholders for {what}")
+            return [placeholders(count, size) for count in stock_runs]
+
+        return _rewrite_runs(text, placeholder, counts)
 
     def wrap_frames(stock_replace: Callable[..., str]) -> Callable[..., str]:
         def replace_video_token(video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
@@ -121,13 +124,9 @@ def adapt_processor(
     def wrap_video_replace(stock_replace: Callable[..., str]) -> Callable[..., str]:
         def replace_video_token(video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
             """The video's pruned placeholder runs (installed by flowcut.apply on this processor)."""
-            token = processor.video_token
-            runs = _placeholder_runs(stock_replace(video_inputs, video_idx=video_idx, **kwargs), token)
-            stock = sum(len(run) // len(token) for run in runs[1::2])
-            counts = video_runs(stock, len(runs) // 2, video_inputs, video_idx)  # Qwen3-VL: a run per timestamp
-            for run, count in zip(range(1, len(runs), 2), counts, strict=True):
-                runs[run] = token * count
-            return "".join(runs)
+            text = stock_replace(video_inputs, video_idx=video_idx, **kwargs)
+            # Qwen3-VL: a run per timestamped slice
+            return _rewrite_runs(text, processor.video_token, lambda runs: video_runs(runs, video_inputs, video_idx))
 
         return replace_video_token
 
@@ -140,9 +139,13 @@ def adapt_processor(
         patch.override(processor, "replace_video_token", wrap_frames)
 
 
-def _placeholder_runs(text: str, token: str) -> list[str]:
-    """``text`` split around its runs of ``token``: the runs at the odd indices."""
-    return re.split(f"((?:{re.escape(token)})+)", text)
+def _rewrite_runs(text: str, token: str, counts: Callable[[list[int]], list[int]]) -> str:
+    """``text`` with its runs of ``token`` rewritten: ``counts`` maps the runs' lengths to their new ones."""
+    parts = re.split(f"((?:{re.escape(token)})+)", text)  # the runs at the odd indices
+    runs = range(1, len(parts), 2)
+    for run, count in zip(runs, counts([len(parts[run]) // len(token) for run in runs]), strict=True):
+        parts[run] = token * count
+    return "".join(parts)
 
 
 def _placeholder_token(processor: Any, image_token_id: int) -> str:

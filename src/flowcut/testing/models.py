@@ -342,7 +342,9 @@ def _decoder_config(
     kv_heads: int | None,
 ) -> dict[str, object]:
     """A decoder's text config: the tokenizer's special ids, the widths (intermediate: twice ``hidden``,
-    key-value heads: half the heads, by default)."""
+    key-value heads: half the heads, by default); ``vocab_size`` may exceed the tokenizer's."""
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size must cover the tokenizer's {len(tokenizer)} tokens, got {vocab_size}")
     return {
         "vocab_size": vocab_size or len(tokenizer),
         "hidden_size": hidden,
@@ -396,8 +398,6 @@ def build_tiny_qwen(
         merge_size=2,
         size={"shortest_edge": (2 * patch_size) ** 2, "longest_edge": max_pixels},
     )
-    if vocab_size is not None and vocab_size < len(tokenizer):
-        raise ValueError(f"vocab_size must cover the tokenizer's {len(tokenizer)} tokens, got {vocab_size}")
     vision_intermediate = vision_intermediate or vision_hidden * 2
     head_dim = text_hidden // text_heads
     quarter = head_dim // 2 // 4
@@ -664,6 +664,20 @@ def build_tiny_video_llava(
     return model, processor
 
 
+def _marker_tokenizer(markers: dict[str, str]) -> PreTrainedTokenizerFast:
+    """:func:`build_tokenizer` with ``markers`` as named special tokens (``tokenizer.boi_token``, ``…_id``), as
+    Gemma 3's and InternVL's processors read them."""
+    base = build_tokenizer(special_tokens=list(markers.values()))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens=markers,
+    )
+
+
 GEMMA3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image>\n", "<start_of_image> ")
 """LLaVA's template with Gemma 3's image marker (the processor expands it into the image's soft tokens)."""
 
@@ -693,17 +707,8 @@ def build_tiny_gemma3(
     The language model alternates sliding-window layers (``sliding_window`` tokens) with a global
     layer last, as Gemma 3's layer pattern does. Widths default to twice the hidden sizes.
     """
-    markers = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-    base = build_tokenizer(special_tokens=list(markers.values()))
-    if vocab_size is not None and vocab_size < len(base):
-        raise ValueError(f"vocab_size must cover the tokenizer's {len(base)} tokens, got {vocab_size}")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=base.backend_tokenizer,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        extra_special_tokens=markers,
+    tokenizer = _marker_tokenizer(
+        {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
     )
     text = _decoder_config(
         tokenizer, vocab_size, text_hidden, text_intermediate, text_layers, text_heads, text_kv_heads
@@ -770,22 +775,13 @@ def build_tiny_internvl(
     """A random tiny InternVL: tiles of ``image_size`` (up to ``max_tiles`` plus a thumbnail) through an InternViT of
     ``(image_size / patch_size)²`` patches with CLS, pixel-shuffled 2×2 into a quarter as many tokens; a Qwen2 decoder.
     """
-    markers = {
-        "start_image_token": "<img>",
-        "end_image_token": "</img>",
-        "context_image_token": "<IMG_CONTEXT>",
-        "video_token": "<video>",
-    }
-    base = build_tokenizer(special_tokens=list(markers.values()))
-    if vocab_size is not None and vocab_size < len(base):
-        raise ValueError(f"vocab_size must cover the tokenizer's {len(base)} tokens, got {vocab_size}")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=base.backend_tokenizer,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        extra_special_tokens=markers,
+    tokenizer = _marker_tokenizer(
+        {
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        }
     )
     text = _decoder_config(
         tokenizer, vocab_size, text_hidden, text_intermediate, text_layers, text_heads, text_kv_heads
