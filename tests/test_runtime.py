@@ -180,3 +180,4 @@ def test_a_tuple_asked_for_is_the_stock_methods_tuple(family):
             as_output = model.model.get_image_features(*arguments)
     own = tuple(value for name, value in as_output.items() if name not in ("media", "scoring_seconds", "rows"))
     assert isinstance(as_tuple, tuple) and _same(as_tuple, own)
+    assert _same(as_output[0], as_tuple[0])  # indexing an encoding sees the stock layout first

@@ -48,10 +48,11 @@ def media_encoding(output: Any, media: tuple[Any, Any], scoring_seconds: float |
         # videos are encoded by its get_image_features): describe the items of this call instead
         output_class = next(base for base in output_class.__mro__ if not issubclass(base, MediaEncoding))
         fields = {name: value for name, value in fields.items() if name not in _DESCRIPTION}
-    encoding = _encoding_class(output_class)(
-        media=media, scoring_seconds=scoring_seconds, rows=len(output.pooler_output)
-    )
-    for name, value in fields.items():  # in the output's own order: its tuple (return_dict=False) keeps it
+    encoding = _encoding_class(output_class)()
+    # The output's own fields first and in its own order (``encoding[0]`` is the stock output's first field),
+    # then the description.
+    description = {"media": media, "scoring_seconds": scoring_seconds, "rows": len(output.pooler_output)}
+    for name, value in {**fields, **description}.items():
         setattr(encoding, name, value)
     return encoding
 
